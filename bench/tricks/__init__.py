@@ -1,0 +1,21 @@
+"""Registered tricks. Importing this package registers every trick in ``TRICKS``."""
+from bench.registry import Registry
+from bench.spec import Trick
+
+TRICKS: Registry[type[Trick]] = Registry("trick")
+
+
+def register(cls: type[Trick]) -> type[Trick]:
+    """Class decorator: register a Trick under its ``name``."""
+    return TRICKS.register(cls.name, cls.description)(cls)
+
+
+# Registration happens on import; the order here is the order hooks run in.
+from bench.tricks import (  # noqa: E402,F401
+    accumulation,
+    checkpointing,
+    precision,
+    sam,
+    ema,
+    world_size,
+)
