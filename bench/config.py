@@ -201,7 +201,7 @@ class Cell:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.axes.items())
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in self.axes.items())
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 def tiny_cnn(num_classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Sequential(  # the stages, so checkpointing finds three blocks
-            nn.Sequential(conv_bn_relu(3, 32), conv_bn_relu(32, 32)),
+            nn.Sequential(conv_bn_relu(3, 16), conv_bn_relu(16, 16)),
+            nn.Sequential(conv_bn_relu(16, 32, stride=2), conv_bn_relu(32, 32)),
             nn.Sequential(conv_bn_relu(32, 64, stride=2), conv_bn_relu(64, 64)),
-            nn.Sequential(conv_bn_relu(64, 128, stride=2), conv_bn_relu(128, 128)),
         ),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(128, num_classes),
+        nn.Linear(64, num_classes),
     )
 
 

@@ -61,7 +61,8 @@ class SAM(Trick):
             loss = step.compute_grads()
             live = [p for p in params if p.grad is not None]
             offsets = sam_perturbation(live, self.value)
-            torch._foreach_add_(live, offsets)
+            with torch.no_grad():
+                torch._foreach_add_(live, offsets)
             state["live"], state["offsets"] = live, offsets
             with frozen_running_stats(self.model):
                 step.compute_grads()  # replaces the gradient with the one at w + e(w)

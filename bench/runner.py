@@ -1,0 +1,122 @@
+"""Runs a matrix: one child process per (cell, seed), rows appended as each finishes.
+
+The parent only schedules and collects. It resumes by skipping (cell_id, seed) pairs already
+in ``cells.jsonl``, holds a lock so two runs never write one folder, and records a child that
+dies or overruns its time limit as a failed row, so the matrix always goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from bench.config import SCHEMA_VERSION, Cell, Matrix
+from bench.results import CSV_FILE, ROWS_FILE, append_row, read_rows, write_csv
+
+
+class OutputBusy(Exception):
+    """Another trickbench run holds the output folder."""
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """One writer per output folder (an advisory lock, released if the holder dies)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"{out_dir} is being written by another trickbench run; "
+                             "wait for it or choose another --out") from None
+        yield
+
+
+def move_aside(out_dir: Path) -> Path | None:
+    """For --fresh: keep the old rows under a timestamped name instead of deleting them."""
+    rows = out_dir / ROWS_FILE
+    if not rows.exists():
+        return None
+    target = out_dir / f"{ROWS_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.old"
+    rows.rename(target)
+    return target
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> dict[str, Any]:
+    """Train one (cell, seed) in a fresh interpreter; always returns a row."""
+    row_path = work_dir / f"{cell.cell_id}-{seed}.row.json"
+    job = {"matrix": matrix.name, "cell_id": cell.cell_id, "seed": seed, "axes": cell.axes,
+           "config": cell.config.to_dict(), "row_path": str(row_path)}
+    job_path = work_dir / f"{cell.cell_id}-{seed}.job.json"
+    job_path.write_text(json.dumps(job))
+    limit = cell.config.time_limit_s
+    started = time.monotonic()
+    # Own process group, so a timeout kills the child and anything it started.
+    proc = subprocess.Popen([sys.executable, "-m", "bench.worker", str(job_path)], start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+        failure = None if code == 0 else _describe_exit(code)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        failure = ("timeout", f"exceeded time_limit_s={limit:g}")
+    except BaseException:  # Ctrl-C or a kill of the parent: take the child down too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if failure is None and row_path.exists():
+        return json.loads(row_path.read_text())
+    status, error = failure or ("error", "child exited without writing a row")
+    return {"schema_version": SCHEMA_VERSION, "matrix": matrix.name, "cell_id": cell.cell_id, "seed": seed,
+            "axes": cell.axes, "config": cell.config.to_dict(), "status": status, "error": error,
+            "failed_at_step": None, "wall_time_s": time.monotonic() - started}
+
+
+def _describe_exit(code: int) -> tuple[str, str]:
+    if code < 0:
+        name = signal.Signals(-code).name
+        # The kernel's OOM killer sends SIGKILL; without a row we cannot tell it from other kills.
+        return ("error", f"child killed by {name}")
+    return ("error", f"child exited with code {code}")
+
+
+def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False) -> list[dict[str, Any]]:
+    """Run every (cell, seed) not yet in ``out_dir``; returns the rows written this time."""
+    with exclusive(out_dir):
+        if fresh and (old := move_aside(out_dir)):
+            print(f"moved previous results aside to {old}")
+        rows_path = out_dir / ROWS_FILE
+        done = {(r["cell_id"], r["seed"]) for r in read_rows(rows_path)}
+        todo = [(c, s) for c, s in matrix.runs() if (c.cell_id, s) not in done]
+        total = len(matrix.runs())
+        if len(todo) < total:
+            print(f"resuming: {total - len(todo)} of {total} runs already in {rows_path}")
+        written = []
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="trickbench-") as work:
+            for index, (cell, seed) in enumerate(todo, 1):
+                print(f"[{total - len(todo) + index:>3}/{total}] {cell.label()} seed={seed}", flush=True)
+                row = run_in_child(matrix, cell, seed, Path(work))
+                append_row(rows_path, row)
+                written.append(row)
+                elapsed = time.monotonic() - started
+                eta = elapsed / index * (len(todo) - index)
+                detail = (f"{row['throughput_samples_per_s']:.1f} samples/s, "
+                          f"acc {row['accuracy_top1'] if row.get('accuracy_top1') is not None else '-'}"
+                          if row["status"] == "ok" else row["error"])
+                print(f"      {row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
+                      f" | ETA {_format_duration(eta)}", flush=True)
+        write_csv(read_rows(rows_path, warn=False), out_dir / CSV_FILE)
+    return written

@@ -1,0 +1,275 @@
+"""The training loop: the only code that knows the order of things.
+
+One run = one (cell, seed), in its own process. Steps are optimizer steps. The first
+``warmup_steps`` are untimed (allocator, autotuning, lazy init); the next step runs once under
+memory/FLOP tracking; the rest are timed. Evaluation runs between epochs, outside timing.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bench.config import TrainConfig
+from bench.data import build_dataset
+from bench.measure import StepClock, measure_step_memory, peak_rss_bytes, synchronize
+from bench.models import build_model
+from bench.spec import Batch, RunContext, StepFns, Trick
+from bench.tricks import TRICKS
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"non-finite training loss at step {step}")
+        self.step = step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def build_tricks(config: TrainConfig) -> list[Trick]:
+    """Instances of the tricks this config turns on, in registration order."""
+    return [e.obj(config.tricks[e.name]) for e in TRICKS if e.obj.is_active(config.tricks[e.name])]
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
+                               weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+    return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick],
+              batch: Batch) -> StepFns:
+    """One optimizer step on ``batch`` as composed by the tricks."""
+    micro_batches = [batch]
+    for trick in tricks:
+        micro_batches = [mb for b in micro_batches for mb in trick.split_batch(b)]
+
+    def compute_grads() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=batch[0].device)
+        for inputs, targets in micro_batches:
+            with contextlib.ExitStack() as stack:
+                for trick in tricks:
+                    stack.enter_context(trick.forward_context())
+                # Mean loss per micro-batch / their count = the mean over the whole batch.
+                loss = F.cross_entropy(model(inputs), targets) / len(micro_batches)
+            total += loss.detach().float()
+            for trick in tricks:
+                loss = trick.scale_loss(loss)
+            loss.backward()
+        return total
+
+    step = StepFns(compute_grads, optimizer.step)
+    for trick in tricks:
+        step = trick.wrap_step(step)
+    return step
+
+
+def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick], batch: Batch) -> torch.Tensor:
+    step = make_step(model, optimizer, tricks, batch)
+    loss = step.compute_grads()
+    step.apply_update()
+    for trick in tricks:
+        trick.after_step()
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tricks: list[Trick],
+             num_classes: int) -> dict[str, float]:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy on the held-out split."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = seen = 0
+    with contextlib.ExitStack() as stack:
+        for trick in tricks:
+            stack.enter_context(trick.forward_context())
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            top = model(inputs).topk(min(5, num_classes), dim=1).indices
+            hits = top == targets[:, None]
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            seen += len(targets)
+    model.train(was_training)
+    result = {"top1": correct1 / seen}
+    if num_classes > 5:
+        result["top5"] = correct5 / seen
+    return result
+
+
+def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[int, Batch]]:
+    """(epoch, batch) forever, reshuffling each epoch."""
+    epoch = 0
+    while True:
+        for inputs, targets in loader:
+            yield epoch, (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+        epoch += 1
+
+
+def train(config: TrainConfig, seed: int, device: torch.device,
+          on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
+    """Train one run and return its metrics (the measured part of a results row)."""
+    started = time.perf_counter()
+    seed_everything(seed)
+    splits = build_dataset(config)
+    tricks = build_tricks(config)
+    model = build_model(config.model, splits.num_classes)
+    for trick in tricks:
+        model = trick.prepare_model(model)
+    model.to(device).train()
+    optimizer = build_optimizer(config, model)
+    for trick in tricks:
+        trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
+
+    loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    if len(loader) == 0:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(splits.train)} training samples")
+    total_steps = config.steps or config.epochs * len(loader)
+    memory_step = config.warmup_steps  # the step measured under tracking
+    if total_steps < memory_step + 2:
+        raise ValueError(f"{total_steps} steps leave none to time after {config.warmup_steps} warm-up "
+                         f"steps and 1 memory step; train longer")
+    scheduler = build_scheduler(config, optimizer, total_steps)
+    eval_loader = DataLoader(splits.test, batch_size=config.eval_batch_size)
+    eval_model = model
+    for trick in tricks:
+        eval_model = trick.eval_model(eval_model)
+
+    clock = StepClock(device)
+    losses: list[torch.Tensor] = []
+    data_wait_s = 0.0
+    timed_wall_s = 0.0
+    window_start: float | None = None
+    curve: list[dict[str, Any]] = []
+    warmup_time_s = 0.0
+    memory = None
+    cuda_peaks: dict[str, int] = {}
+    batches = endless_batches(loader, device)
+    epoch_of_step = 0
+
+    def close_window() -> None:
+        nonlocal timed_wall_s, window_start
+        if window_start is not None:
+            synchronize(device)
+            clock.collect()
+            timed_wall_s += time.perf_counter() - window_start
+            window_start = None
+
+    def end_epoch(epoch: int, step: int) -> None:
+        close_window()
+        check_finite(losses)
+        losses_this = torch.stack(losses[-len(loader):]).float()
+        point = {"epoch": epoch + 1, "step": step, "train_loss": losses_this.mean().item(),
+                 "elapsed_s": time.perf_counter() - started}
+        if splits.accuracy_meaningful:
+            point.update({f"accuracy_{k}": v for k, v in evaluate(eval_model, eval_loader, device, tricks,
+                                                                   splits.num_classes).items()})
+        curve.append(point)
+
+    def check_finite(values: list[torch.Tensor]) -> None:
+        finite = torch.isfinite(torch.stack(values))
+        if not finite.all():
+            raise Diverged(int((~finite).nonzero()[0]))
+
+    def open_window() -> None:
+        nonlocal window_start
+        synchronize(device)
+        window_start = time.perf_counter()
+
+    for step in range(total_steps):
+        timed = step > memory_step
+        if timed and window_start is None:
+            open_window()
+        wait = time.perf_counter()
+        epoch, batch = next(batches)
+        waited = time.perf_counter() - wait
+        if epoch != epoch_of_step:  # first batch of a new epoch: close the last one, evaluate
+            end_epoch(epoch_of_step, step)
+            epoch_of_step = epoch
+            if timed:
+                open_window()
+        if timed:
+            data_wait_s += waited
+
+        if step == memory_step:
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with measure_step_memory(model, optimizer) as memory:
+                loss = run_step(model, optimizer, tricks, batch)
+            synchronize(device)
+            if device.type == "cuda":
+                cuda_peaks = {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                              "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+        elif timed:
+            t0 = clock.start()
+            loss = run_step(model, optimizer, tricks, batch)
+            clock.stop(t0)
+        else:
+            t0 = time.perf_counter()
+            loss = run_step(model, optimizer, tricks, batch)
+            synchronize(device)
+            warmup_time_s += time.perf_counter() - t0
+        scheduler.step()
+        losses.append(loss)
+        if step % 50 == 49:
+            check_finite(losses)
+        on_progress(step + 1, total_steps)
+    end_epoch(epoch_of_step, total_steps)
+    on_progress(total_steps, total_steps)
+
+    durations_ms = [d * 1e3 for d in clock.durations_s]
+    timed_steps = len(durations_ms)
+    samples = timed_steps * config.per_rank_batch_size
+    q = statistics.quantiles(durations_ms, n=10) if timed_steps >= 2 else [durations_ms[0]] * 9
+    compute_s = sum(clock.durations_s)
+    final = curve[-1]
+    tail = torch.stack(losses[-min(10, len(losses)):]).float()
+    metrics: dict[str, Any] = {
+        "steps": total_steps,
+        "timed_steps": timed_steps,
+        "throughput_samples_per_s": samples / timed_wall_s,
+        "step_time_ms_median": statistics.median(durations_ms),
+        "step_time_ms_p10": q[0],
+        "step_time_ms_p90": q[8],
+        "step_times_ms": [round(d, 4) for d in durations_ms],
+        "data_stall_fraction": data_wait_s / timed_wall_s,
+        "warmup_time_s": warmup_time_s,
+        "peak_memory_bytes": memory.peak_memory_bytes,
+        "memory_breakdown": memory.breakdown,
+        "flops_per_step": memory.flops_per_step,
+        "achieved_tflops": memory.flops_per_step / (compute_s / timed_steps) / 1e12,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "accuracy_top1": final.get("accuracy_top1"),
+        "accuracy_top5": final.get("accuracy_top5"),
+        "final_train_loss": tail.mean().item(),
+        "curve": curve,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    metrics.update(cuda_peaks)
+    return metrics

@@ -1,0 +1,80 @@
+"""Child process: trains one (cell, seed) and writes its row. ``python -m bench.worker JOB.json``.
+
+Everything a run can do to a process (allocator state, autotuning, compile caches, a crash)
+stays in this process. Failures are caught here and written as rows with a status; a death
+without a row is recorded by the parent.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.config import SCHEMA_VERSION, TrainConfig
+from bench.measure import environment
+from bench.train import Diverged, train
+
+
+class StepProgress:
+    """Remembers the last step reached; draws a step counter when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self._drawn = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.step = done
+        now = time.monotonic()
+        if self._tty and (now - self._drawn > 0.5 or done == total):
+            self._drawn = now
+            end = "\n" if done == total else ""
+            print(f"\r    step {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def classify(error: BaseException) -> str:
+    if isinstance(error, Diverged):
+        return "diverged"
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return "oom"
+    return "error"
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    config = TrainConfig.from_dict(job["config"], file="<job>")
+    device = torch.device(config.device)
+    row: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "matrix": job["matrix"], "cell_id": job["cell_id"],
+        "seed": job["seed"], "axes": job["axes"], "config": job["config"],
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    progress = StepProgress()
+    try:
+        metrics = train(config, job["seed"], device, on_progress=progress)
+        row.update(status="ok", error=None, failed_at_step=None, **metrics)
+    except Exception as error:  # noqa: BLE001 - every failure becomes data
+        last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        step = error.step if isinstance(error, Diverged) else progress.step
+        row.update(status=classify(error), error=f"{type(error).__name__}: {last_line}", failed_at_step=step)
+    row["env"] = environment(device)
+    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return row
+
+
+def main(argv: list[str]) -> int:
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text())
+    row = run_job(job)
+    out = Path(job["row_path"])
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, default=str))
+    tmp.replace(out)  # atomic: the parent sees a whole row or none
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
