@@ -11,7 +11,7 @@ from bench.config import ConfigError, load_matrix
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import OutputBusy, run_matrix
 
-    matrix = load_matrix(args.matrix, profile=args.profile, device=_resolve_device(args.device, args.matrix))
+    matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     runs = matrix.runs()
     print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds = {len(runs)} runs "
@@ -30,16 +30,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     for row in failed:
         print(f"  {row['status']}: cell {row['cell_id']} seed {row['seed']}: {row['error']}")
     return 1 if failed else 0
-
-
-def _resolve_device(requested: str, matrix_file: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(matrix_file, "--device", "cuda was requested but no CUDA device is visible; allowed: cpu, auto")
-    return requested
 
 
 def cmd_list(args: argparse.Namespace) -> int:

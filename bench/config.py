@@ -67,7 +67,9 @@ class TrainConfig:
     augment: bool = False
     warmup_steps: int = 3  # optimizer steps excluded from timing (first-step/allocator/autotune)
     device: str = "auto"
-    time_limit_s: float = 3600.0
+    time_limit_s: float = 3600.0  # per run; the child is killed and the run recorded as timeout
+    memory_limit_mb: Optional[int] = None  # CPU runs: cap on what the run may allocate; over it = oom
+    deterministic: bool = False  # torch.use_deterministic_algorithms; CPU runs are deterministic anyway
     tricks: dict[str, Any] = field(default_factory=dict)  # trick name → parsed value, every trick
 
     @property
@@ -93,7 +95,7 @@ RANGES: dict[str, tuple[float, float]] = {  # inclusive bounds of numeric fields
     "batch_size": (1, float("inf")), "epochs": (1, float("inf")), "steps": (1, float("inf")),
     "eval_batch_size": (1, float("inf")), "num_workers": (0, 64), "image_size": (8, 4096),
     "num_classes": (2, 100_000), "num_samples": (1, float("inf")), "warmup_steps": (0, 10_000),
-    "time_limit_s": (1, float("inf")), "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1),
+    "time_limit_s": (1, float("inf")), "memory_limit_mb": (1, float("inf")), "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1),
 }
 CHOICES: dict[str, list[str]] = {
     "name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "device": DEVICES,
@@ -293,6 +295,7 @@ def load_matrix(path: str | Path, profile: Optional[str] = None, device: Optiona
     if device is not None:
         base["device"] = device
     build_train_config(base, file, "base")  # report base errors against base's own keys
+    base["device"] = resolve_device(base.get("device", "auto"), file, "--device" if device else "base.device")
     axes_raw = raw["axes"]
     if not isinstance(axes_raw, dict) or not axes_raw:
         raise ConfigError(file, "axes", "expected a mapping of axis name → list of values")
@@ -304,9 +307,13 @@ def load_matrix(path: str | Path, profile: Optional[str] = None, device: Optiona
             try:
                 build_train_config({**base, axis: value}, file)
             except ConfigError as err:
-                key = f"axes.{axis}[{i}]" if err.key == axis else f"axes.{axis}"
-                raise ConfigError(file, key if err.key in (axis, "") or "unknown key" in err.message else err.key,
-                                  err.message) from None
+                if err.key == axis and "unknown key" in err.message:
+                    key = f"axes.{axis}"
+                elif err.key == axis or err.key.startswith(axis + "."):
+                    key = f"axes.{axis}[{i}]{err.key[len(axis):]}"
+                else:
+                    key = err.key
+                raise ConfigError(file, key, err.message) from None
         axes[axis] = tuple(values)
 
     excludes = raw.get("exclude") or []
@@ -325,6 +332,17 @@ def load_matrix(path: str | Path, profile: Optional[str] = None, device: Optiona
     unique = {c.cell_id: c for c in cells}  # one-at-a-time may repeat the baseline
     return Matrix(name=name, file=file, design=design, seeds=tuple(seeds), axes=axes,
                   cells=tuple(unique.values()))
+
+
+def resolve_device(requested: str, file: str, key: str) -> str:
+    """auto → cuda when visible, else cpu; an explicit device that is not there is an error."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(file, key, "cuda is not available on this machine (no CUDA device visible); allowed: cpu, auto")
+    return requested
 
 
 def _check_tricks(config: TrainConfig, point: dict[str, Any], file: str) -> None:

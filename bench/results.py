@@ -22,6 +22,18 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def end_torn_row(path: Path) -> None:
+    """Terminate a last line left unfinished by a kill, so the next row starts on its own line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def read_rows(path: Path, warn: bool = True) -> list[dict[str, Any]]:
     """Every complete row; a torn or corrupt line (a kill mid-write) is reported and skipped."""
     if not path.exists():

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bench.config import SCHEMA_VERSION, Cell, Matrix
-from bench.results import CSV_FILE, ROWS_FILE, append_row, read_rows, write_csv
+from bench.results import CSV_FILE, ROWS_FILE, append_row, end_torn_row, read_rows, write_csv
+
+
+WORKER = [sys.executable, "-m", "bench.worker"]  # + the job file
 
 
 class OutputBusy(Exception):
@@ -64,7 +67,7 @@ def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> dict[
     limit = cell.config.time_limit_s
     started = time.monotonic()
     # Own process group, so a timeout kills the child and anything it started.
-    proc = subprocess.Popen([sys.executable, "-m", "bench.worker", str(job_path)], start_new_session=True)
+    proc = subprocess.Popen([*WORKER, str(job_path)], start_new_session=True)
     try:
         code = proc.wait(timeout=limit)
         failure = None if code == 0 else _describe_exit(code)
@@ -98,6 +101,7 @@ def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False) -> list[dict[
         if fresh and (old := move_aside(out_dir)):
             print(f"moved previous results aside to {old}")
         rows_path = out_dir / ROWS_FILE
+        end_torn_row(rows_path)
         done = {(r["cell_id"], r["seed"]) for r in read_rows(rows_path)}
         todo = [(c, s) for c, s in matrix.runs() if (c.cell_id, s) not in done]
         total = len(matrix.runs())
@@ -113,9 +117,12 @@ def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False) -> list[dict[
                 written.append(row)
                 elapsed = time.monotonic() - started
                 eta = elapsed / index * (len(todo) - index)
-                detail = (f"{row['throughput_samples_per_s']:.1f} samples/s, "
-                          f"acc {row['accuracy_top1'] if row.get('accuracy_top1') is not None else '-'}"
-                          if row["status"] == "ok" else row["error"])
+                detail = row["error"]
+                if row["status"] == "ok":
+                    accuracy = row.get("accuracy_top1")
+                    detail = (f"{row['throughput_samples_per_s']:.1f} samples/s, peak "
+                              f"{row['peak_memory_bytes'] / 2**20:.1f} MiB, top-1 "
+                              + ("-" if accuracy is None else f"{accuracy:.3f}"))
                 print(f"      {row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
                       f" | ETA {_format_duration(eta)}", flush=True)
         write_csv(read_rows(rows_path, warn=False), out_dir / CSV_FILE)

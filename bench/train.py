@@ -134,6 +134,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     """Train one run and return its metrics (the measured part of a results row)."""
     started = time.perf_counter()
     seed_everything(seed)
+    torch.use_deterministic_algorithms(config.deterministic)
     splits = build_dataset(config)
     tricks = build_tricks(config)
     model = build_model(config.model, splits.num_classes)

@@ -7,6 +7,8 @@ without a row is recorded by the parent.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -36,12 +38,32 @@ class StepProgress:
             print(f"\r    step {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
+# How allocation failures read when a CPU run hits its address-space cap: PyTorch's CPU
+# allocator, oneDNN (which cannot build a kernel without scratch memory), and C++ new.
+CPU_ALLOCATION_FAILURES = ("can't allocate memory", "could not create a primitive", "bad_alloc",
+                           "Cannot allocate memory")
+
+
 def classify(error: BaseException) -> str:
     if isinstance(error, Diverged):
         return "diverged"
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return "oom"
+    if any(message in str(error) for message in CPU_ALLOCATION_FAILURES):
+        return "oom"
     return "error"
+
+
+def limit_memory(extra_mb: int) -> None:
+    """Cap this process's address space at what it maps now plus ``extra_mb``.
+
+    Relative to the current size because the CUDA build of torch maps gigabytes of address
+    space at import; an absolute cap would measure the libraries, not the run.
+    """
+    pages = int(Path("/proc/self/statm").read_text().split()[0])
+    current = pages * resource.getpagesize()
+    cap = current + extra_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +76,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
     progress = StepProgress()
     try:
+        if config.memory_limit_mb is not None and device.type == "cpu":
+            limit_memory(config.memory_limit_mb)
         metrics = train(config, job["seed"], device, on_progress=progress)
         row.update(status="ok", error=None, failed_at_step=None, **metrics)
     except Exception as error:  # noqa: BLE001 - every failure becomes data
@@ -68,6 +92,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text())
+    if job["config"].get("deterministic"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at init
     row = run_job(job)
     out = Path(job["row_path"])
     tmp = out.with_suffix(".tmp")

@@ -12,6 +12,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from bench.registry import did_you_mean
 from bench.spec import RunContext, StepFns, Trick
 from bench.tricks import register
 
@@ -35,7 +36,7 @@ class Precision(Trick):
     @classmethod
     def parse(cls, value: Any) -> Any:
         if value not in cls.allowed:
-            raise ValueError(f"{value!r} is not one of {', '.join(cls.allowed)}")
+            raise ValueError(f"{value!r} is not one of {', '.join(cls.allowed)}{did_you_mean(value, cls.allowed)}")
         return value
 
     @classmethod

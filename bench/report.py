@@ -1,0 +1,534 @@
+"""Reports from stored rows: ``report.md``, PNG figures and an index of result folders.
+
+Pure functions of ``cells.jsonl``: nothing here trains or measures, so a report can be rebuilt at
+any time, also while a run is still appending rows. The numbers come from :mod:`bench.stats`
+(which also documents how the baseline is found); this module only formats and draws them. The
+design is inferred from the rows: one_at_a_time when no cell differs from the baseline in more
+than one axis.
+
+Heavy libraries (pandas, matplotlib, seaborn, scipy) are imported where used: the CLI imports
+this module for ``add_cli`` and every command would otherwise pay for them at start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.stats import (MEMORY_COMPONENTS, Row, all_cell_stats, axis_key, axis_values, excludes, infer_design,
+                         mean_where, pareto_front)
+
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+MACHINE_FIELDS = ("hostname", "device_name")
+LIBRARY_FIELDS = ("torch", "torchvision", "cuda", "harness_version")
+ENV_FIELDS = ("device_name", "cpu_model", "torch", "torchvision", "cuda", "cudnn", "python", "harness_version")
+
+
+# --- markdown ------------------------------------------------------------------------------------------
+
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table: first column left-aligned, the numbers right-aligned."""
+    def cell(value: Any) -> str:
+        return " ".join(str(value).split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, headers)) + " |",
+             "| :--- |" + " ---: |" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _decimals(x: float) -> int:
+    """Enough decimals for three significant digits: 3026, 273, 19.9, 8.07, 0.123."""
+    return max(0, 2 - math.floor(math.log10(abs(x)))) if math.isfinite(x) and x else 0
+
+
+def fmt(x: float, decimals: int | None = None) -> str:
+    if not math.isfinite(x):
+        return "—"
+    return f"{x:.{_decimals(x) if decimals is None else decimals}f}"
+
+
+def fmt_ci(summary: Row, decimals: int | None = None) -> str:
+    """``mean ± half-width`` of the 95% interval; the mean alone when the interval is unknown."""
+    mean, decimals = summary["mean"], _decimals(summary["mean"]) if decimals is None else decimals
+    half = (summary["ci_high"] - summary["ci_low"]) / 2
+    return fmt(mean, decimals) + (f" ± {fmt(half, decimals)}" if math.isfinite(half) else "")
+
+
+def fmt_interval(estimate: tuple[float, float, float], unit: str, decimals: int, mark: bool,
+                 signed: bool = False) -> str:
+    value, low, high = estimate
+    if not math.isfinite(value):
+        return "—"
+    sign = "+" if signed else ""
+    text = f"{value:{sign}.{decimals}f}{unit}"
+    if math.isfinite(low) and math.isfinite(high):
+        text += f" [{low:{sign}.{decimals}f}, {high:{sign}.{decimals}f}]"
+    return text + ("*" if mark else "")
+
+
+CELL_HEADERS = ["cell", "ok runs", "throughput (samples/s)", "median step (ms)", "peak memory (MiB)",
+                "activations (MiB)", "top-1 (%)", "final train loss", "speedup ×", "memory ×", "Δ top-1 (pts)"]
+LEGEND = ("Means over seeds ± half-width of the 95% Student-t interval. Speedup = mean throughput ÷ the "
+          "baseline's, [95% bootstrap interval]; memory × = mean peak memory ÷ the baseline's; Δ top-1 = "
+          "difference of mean accuracy in percentage points, [95% Welch interval]. Marks: `*` on the "
+          "median step time = the per-step times differ from the baseline's by both gates (Mann–Whitney U "
+          "p < 0.05 on the pooled raw step times of all seeds, and the median moved by ≥ 2%); `*` on a "
+          "speedup = its interval excludes 1; `*` on Δ top-1 = its interval excludes 0. `—` = no data.")
+
+
+def cell_row(s: Row) -> list[str]:
+    speedup, change = s["speedup"], s["accuracy_change"]
+    ref = s["is_base"]
+    return [f"**{s['label']}**" if ref else s["label"], f"{s['n_ok']}/{s['n_runs']}", fmt_ci(s["throughput"]),
+            fmt(s["step_ms"]) + ("*" if s["step_verdict"].significant and not ref else ""),
+            fmt(s["peak_mib"]), fmt(s["breakdown"]["activations"]), fmt_ci(s["accuracy"], 1), fmt(s["loss"], 3),
+            "ref" if ref else fmt_interval(speedup, "×", 2, excludes(speedup[1], speedup[2], 1.0)),
+            "ref" if ref else fmt(s["memory_ratio"], 2) + ("×" if math.isfinite(s["memory_ratio"]) else ""),
+            "ref" if ref else fmt_interval(change, "", 1, excludes(change[1], change[2], 0.0), signed=True)]
+
+
+def one_at_a_time_section(stats: list[Row]) -> list[str]:
+    """One table per axis: the baseline and the cells that change that axis; any cell left over after."""
+    lines, shown = [], {0}
+    base = stats[0]["axes"]
+    for axis in axis_values(stats):
+        members = [i for i, s in enumerate(stats) if i and axis_key(s["axes"].get(axis)) != axis_key(base.get(axis))]
+        if members:
+            shown.update(members)
+            lines += [f"### {axis}", "", md_table(CELL_HEADERS, [cell_row(stats[i]) for i in [0, *members]]), ""]
+    rest = [0] + [i for i in range(len(stats)) if i not in shown]
+    if len(rest) > 1 or len(stats) == 1:
+        lines += ["### Other cells", "", md_table(CELL_HEADERS, [cell_row(stats[i]) for i in rest]), ""]
+    return lines
+
+
+def factorial_section(stats: list[Row]) -> list[str]:
+    """All cells, then main effects per axis value and a speedup pivot for every pair of axes."""
+    values = axis_values(stats)
+    lines = ["### All cells", "", md_table(CELL_HEADERS, [cell_row(s) for s in stats]), "",
+             "### Main effects", "", "Each value's mean over all cells that have it (the other axes averaged "
+             "out); ratios are against the baseline's value of the same axis.", ""]
+    for axis, options in values.items():
+        base_thr = mean_where(stats, "throughput", **{axis: options[0]})
+        base_mem = mean_where(stats, "peak_mib", **{axis: options[0]})
+        table = []
+        for value in options:
+            thr, mem = (mean_where(stats, f, **{axis: value}) for f in ("throughput", "peak_mib"))
+            table.append([axis_key(value), fmt(thr), fmt(thr / base_thr, 2) + "×", fmt(mem),
+                          fmt(mem / base_mem, 2) + "×", fmt(mean_where(stats, "accuracy", **{axis: value}), 1)])
+        lines += [f"**{axis}**", "", md_table([axis, "throughput (samples/s)", "speedup ×", "peak memory (MiB)",
+                                               "memory ×", "top-1 (%)"], table), ""]
+    lines += ["### Interactions", "", "Speedup vs the baseline for each pair of axes, mean over the other axes.", ""]
+    names = list(values)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            table = [[axis_key(va)] + [fmt(mean_where(stats, "speedup", **{a: va, b: vb}), 2) + "×" for vb in values[b]]
+                     for va in values[a]]
+            lines += [f"**{a} × {b}**", "", md_table([f"{a} \\ {b}"] + [axis_key(v) for v in values[b]], table), ""]
+    return lines
+
+
+def failures_section(rows: list[Row], labels: dict[str, str]) -> list[str]:
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if not failed:
+        return ["No failed runs."]
+    table = [[labels[r["cell_id"]], r["seed"], r.get("status"), fmt(r["failed_at_step"], 0)
+              if isinstance(r.get("failed_at_step"), (int, float)) else "—", _short(r.get("error"))] for r in failed]
+    return [md_table(["cell", "seed", "status", "failed at step", "error"], table)]
+
+
+def _short(text: Any, limit: int = 300) -> str:
+    text = " ".join(str(text or "—").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _counts(values: list[Any]) -> str:
+    counts = Counter(str(v) for v in values)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{v} ({n} rows)" for v, n in counts.most_common())
+
+
+def environment_section(rows: list[Row]) -> list[str]:
+    """Where the numbers come from, with a WARNING when rows mix machines or library versions."""
+    envs = [r["env"] for r in rows if isinstance(r.get("env"), dict)]
+    if not envs:
+        return ["No environment recorded in the rows."]
+    lines = []
+    for kind, fields in (("machines", MACHINE_FIELDS), ("library versions", LIBRARY_FIELDS)):
+        mixed = [f"{f}: {_counts([e.get(f) for e in envs])}" for f in fields if len({str(e.get(f)) for e in envs}) > 1]
+        if mixed:
+            lines += [f"**WARNING: rows come from different {kind}; comparisons between them are not "
+                      f"like for like.** " + " · ".join(mixed), ""]
+    commits = [f"{str(e.get('git_commit'))[:12]}{' (dirty)' if e.get('git_dirty') else ''}" for e in envs]
+    table = [[f, _counts([e.get(f) for e in envs])] for f in ENV_FIELDS] + [["git commit", _counts(commits)]]
+    return lines + [md_table(["field", "value"], table)]
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+DPI = 120
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on headless machines and never opens a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the PNG and always free the figure (pyplot keeps every open figure alive)."""
+    plt = _pyplot()
+    try:
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
+
+
+def _palette(stats: list[Row]) -> dict[str, Any]:
+    """One colour per cell, the same in every figure."""
+    import seaborn as sns
+
+    labels = [s["label"] for s in stats]
+    return dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))))
+
+
+def _height(n: int) -> float:
+    return max(3.0, 0.45 * n + 1.5)
+
+
+def plot_throughput_vs_memory(stats: list[Row], path: Path) -> bool:
+    ok = [s for s in stats if math.isfinite(s["peak_mib"]) and math.isfinite(s["throughput"]["mean"])]
+    if not ok:
+        return False
+    plt, colors = _pyplot(), _palette(stats)
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, 5.5))
+    memory, speed = [s["peak_mib"] for s in ok], [s["throughput"]["mean"] for s in ok]
+    for s in ok:
+        half = (s["throughput"]["ci_high"] - s["throughput"]["ci_low"]) / 2
+        ax.errorbar(s["peak_mib"], s["throughput"]["mean"], yerr=half if math.isfinite(half) else None,
+                    fmt="o", color=colors[s["label"]], capsize=4, markersize=7, label=s["label"])
+        ax.annotate(s["label"], (s["peak_mib"], s["throughput"]["mean"]), textcoords="offset points",
+                    xytext=(6, 5), fontsize=8)
+    front = pareto_front(memory, speed)
+    xs, ys = [memory[i] for i in front], [speed[i] for i in front]
+    ax.plot(xs + [max(memory)], ys + [ys[-1]], drawstyle="steps-post", color="0.3", linestyle="--",
+            linewidth=1.2, zorder=0, label="Pareto front (most throughput for its memory)")
+    ax.scatter(xs, ys, s=220, facecolors="none", edgecolors="0.2", linewidths=1.5, zorder=3)
+    ax.set(xlabel="peak memory (MiB)", ylabel="throughput (samples/s)",
+           title="Throughput vs peak memory (mean over seeds, 95% CI; circled = Pareto front)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_accuracy(stats: list[Row], path: Path) -> bool:
+    ok = [s for s in stats if math.isfinite(s["accuracy"]["mean"])]
+    if not ok:
+        return False
+    plt, colors = _pyplot(), _palette(stats)
+    fig, ax = plt.subplots(layout="constrained", figsize=(8, _height(len(ok))))
+    for y, s in enumerate(ok):
+        half = (s["accuracy"]["ci_high"] - s["accuracy"]["ci_low"]) / 2
+        ax.errorbar(s["accuracy"]["mean"], y, xerr=half if math.isfinite(half) else None, fmt="o",
+                    color=colors[s["label"]], capsize=4, markersize=7)
+    title = "Final top-1 accuracy (mean over seeds, 95% CI)"
+    if stats[0] in ok:
+        ax.axvline(stats[0]["accuracy"]["mean"], color="0.5", linestyle="--", linewidth=1)
+        title += "\ndashed line: baseline mean"
+    ax.set_yticks(range(len(ok)), [s["label"] for s in ok])
+    ax.invert_yaxis()
+    ax.set(xlabel="top-1 accuracy (%)", title=title)
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return True
+
+
+def _speedup_grid(stats: list[Row], design: str) -> tuple[Any, ...] | None:
+    """(speedups, annotations, y label, x label, row names, column names) for the heatmap.
+
+    full_factorial: the first two axes, each square the mean over the other axes. one_at_a_time:
+    one row per axis, one column per value position, each square the cell that changes only that
+    axis. None when no axis has a second value or the baseline has no throughput.
+    """
+    values = {a: v for a, v in axis_values(stats).items() if len(v) > 1}
+    if not values or not math.isfinite(stats[0]["throughput"]["mean"]):
+        return None
+    names = list(values)
+    if design == "full_factorial" and len(names) >= 2:
+        a, b = names[:2]
+        grid = np.array([[mean_where(stats, "speedup", **{a: va, b: vb}) for vb in values[b]] for va in values[a]])
+        notes = np.vectorize(lambda v: f"{v:.2f}×" if math.isfinite(v) else "no data", otypes=[object])(grid)
+        return grid, notes, a, b, [axis_key(v) for v in values[a]], [axis_key(v) for v in values[b]]
+    width = max(len(v) for v in values.values())
+    grid, notes = np.full((len(names), width), np.nan), np.full((len(names), width), "", dtype=object)
+    for r, axis in enumerate(names):
+        for c, value in enumerate(values[axis]):
+            grid[r, c] = speed = mean_where(stats, "speedup", **{**stats[0]["axes"], axis: value})
+            notes[r, c] = f"{axis_key(value)}\n" + (f"{speed:.2f}×" if math.isfinite(speed) else "no data")
+    columns = ["baseline value"] + [f"value {i + 1}" for i in range(1, width)]
+    return grid, notes, "axis", "axis value (annotated; first = baseline)", names, columns
+
+
+def plot_speedup_heatmap(stats: list[Row], design: str, path: Path) -> bool:
+    spec = _speedup_grid(stats, design)
+    if spec is None:
+        return False
+    grid, notes, ylabel, xlabel, rows, columns = spec
+    import seaborn as sns
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _pyplot()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log2(grid)
+    span = max(float(np.nanmax(np.abs(logs))) if np.isfinite(logs).any() else 0.0, 0.1)
+    fig, ax = plt.subplots(layout="constrained", figsize=(max(5.0, 1.6 * len(columns) + 2.5), max(3.0, 0.8 * len(rows) + 1.5)))
+    sns.heatmap(logs, annot=notes, fmt="", cmap="RdYlGn", center=0, vmin=-span, vmax=span, ax=ax,
+                xticklabels=columns, yticklabels=rows, linewidths=0.5, linecolor="white",
+                cbar_kws={"label": "speedup vs baseline (×, log scale)",
+                          "format": FuncFormatter(lambda v, _: f"{2 ** v:.2g}×")})
+    ax.set(xlabel=xlabel, ylabel=ylabel, title="Throughput speedup vs baseline (green faster, red slower)")
+    ax.tick_params(axis="y", rotation=0)
+    _save(fig, path)
+    return True
+
+
+def plot_memory_breakdown(stats: list[Row], path: Path) -> bool:
+    ok = [s for s in stats if any(math.isfinite(v) for v in s["breakdown"].values())]
+    if not ok:
+        return False
+    import seaborn as sns
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(layout="constrained", figsize=(9, _height(len(ok))))
+    left = np.zeros(len(ok))
+    for component, color in zip(MEMORY_COMPONENTS, sns.color_palette("Set2", len(MEMORY_COMPONENTS))):
+        widths = np.nan_to_num([s["breakdown"][component] for s in ok])
+        ax.barh(range(len(ok)), widths, left=left, color=color, label=component.replace("_", " "))
+        left += widths
+    ax.set_yticks(range(len(ok)), [s["label"] for s in ok])
+    ax.invert_yaxis()
+    ax.set(xlabel="memory at peak (MiB, mean over seeds)", title="Peak memory breakdown per cell")
+    fig.legend(fontsize=8, loc="outside right upper")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return True
+
+
+def plot_curves(stats: list[Row], path: Path) -> bool:
+    import pandas as pd
+    import seaborn as sns
+
+    frame = pd.DataFrame([{**p, "cell": s["label"]} for s in stats for p in s["curves"]])
+    if frame.empty or "train_loss" not in frame or frame["train_loss"].isna().all():
+        return False
+    plt, colors = _pyplot(), _palette(stats)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, layout="constrained", figsize=(12, 4.5))
+    sns.lineplot(frame, x="epoch", y="train_loss", hue="cell", palette=colors, estimator="mean",
+                 errorbar=None, marker="o", ax=loss_ax, legend=False)
+    loss_ax.set(xlabel="epoch", ylabel="train loss", title="Training loss (mean over seeds)")
+    if "accuracy_top1" in frame and frame["accuracy_top1"].notna().any():
+        frame["accuracy_pct"] = frame["accuracy_top1"] * 100
+        sns.lineplot(frame, x="epoch", y="accuracy_pct", hue="cell", palette=colors, estimator="mean",
+                     errorbar=None, marker="o", ax=acc_ax, legend=False)
+    else:
+        acc_ax.text(0.5, 0.5, "no accuracy recorded\n(e.g. synthetic data)", ha="center", va="center",
+                    transform=acc_ax.transAxes, color="0.4")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="Accuracy after each epoch (mean over seeds)")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[c], marker="o", label=c) for c in dict.fromkeys(frame["cell"])]
+    fig.legend(handles=handles, fontsize=8, loc="outside right upper")
+    _save(fig, path)
+    return True
+
+
+def plot_step_times(stats: list[Row], path: Path) -> bool:
+    import pandas as pd
+    import seaborn as sns
+
+    frame = pd.DataFrame([{"cell": s["label"], "ms": t} for s in stats for t in s["steps"]])
+    if frame.empty:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(layout="constrained", figsize=(9, _height(frame["cell"].nunique())))
+    sns.boxplot(frame, x="ms", y="cell", hue="cell", palette=_palette(stats), legend=False, fliersize=2, ax=ax)
+    spread = frame["ms"].max() / max(frame["ms"].min(), 1e-9)
+    if spread > 20:  # one slow cell would squash every other box into a line
+        ax.set_xscale("log")
+    ax.set(xlabel="time per step (ms" + (", log scale)" if spread > 20 else ")"), ylabel="",
+           title="Per-step time distribution (all seeds pooled, warm-up excluded)")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return True
+
+
+# --- the report and the index --------------------------------------------------------------------------
+
+SKIPPED = {"accuracy": "accuracy is null in every row (e.g. synthetic data)",
+           "throughput_vs_memory": "no successful run recorded throughput and memory",
+           "speedup_heatmap": "needs a baseline with throughput and an axis with a second value",
+           "memory_breakdown": "no memory breakdown recorded", "curves": "no training curves recorded",
+           "step_times": "no per-step times recorded"}
+
+
+def load_rows(out_dir: Path) -> list[Row]:
+    """The rows of ``out_dir/cells.jsonl``; FileNotFoundError naming the path when it is missing."""
+    from bench.results import ROWS_FILE, read_rows
+
+    path = Path(out_dir) / ROWS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no results to report: {path} does not exist (run `trickbench run` first)")
+    return read_rows(path)
+
+
+def write_figures(stats: list[Row], design: str, folder: Path) -> tuple[list[str], list[str]]:
+    """Every figure that has data; stale ones from an earlier build are removed. (written, notes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = {"throughput_vs_memory": plot_throughput_vs_memory, "accuracy": plot_accuracy,
+             "speedup_heatmap": lambda s, p: plot_speedup_heatmap(s, design, p),
+             "memory_breakdown": plot_memory_breakdown, "curves": plot_curves, "step_times": plot_step_times}
+    written, notes = [], []
+    for name, plot in plots.items():
+        path = folder / f"{name}.png"
+        if plot(stats, path):
+            written.append(path.name)
+        else:
+            path.unlink(missing_ok=True)
+            notes.append(f"{name}.png skipped: {SKIPPED[name]}.")
+    return written, notes
+
+
+def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str]) -> str:
+    """The markdown text of a report; ``figures`` are file names under ``figures/``."""
+    design = infer_design(stats)
+    ok = sum(r.get("status") == "ok" for r in rows)
+    matrices = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows))
+    base_axes = ", ".join(f"{k}={axis_key(v)}" for k, v in stats[0]["axes"].items())
+    lines = [f"# Report: {matrices}", "",
+             f"{len(rows)} runs ({ok} ok, {len(rows) - ok} failed) of {len(stats)} cells × "
+             f"{len({r['seed'] for r in rows})} seeds; design {design} (inferred from the cells' axes).", "",
+             f"Baseline: the cell of the first row written ({base_axes}); other cells are named by the axis "
+             "values in which they differ from it.", ""]
+    if not stats[0]["n_ok"]:
+        lines += ["**The baseline has no successful run: no comparisons are possible.**", ""]
+    lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, ""]
+    lines += one_at_a_time_section(stats) if design == "one_at_a_time" else factorial_section(stats)
+    labels = {s["cell_id"]: s["label"] for s in stats}
+    lines += ["## Failed runs", "", *failures_section(rows, labels), "", "## Figures", ""]
+    lines += [f"![{name}](figures/{name})" for name in figures] + [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def build_report(out_dir: Path) -> Path:
+    """Read ``out_dir/cells.jsonl``; write ``report.md``, ``figures/*.png`` and ``results.csv``."""
+    from bench.results import CSV_FILE, write_csv
+
+    out_dir = Path(out_dir)
+    rows = load_rows(out_dir)
+    report = out_dir / REPORT_FILE
+    if not rows:
+        report.write_text("# Report\n\nNo complete rows in cells.jsonl yet.\n", encoding="utf-8")
+        return report
+    stats = all_cell_stats(rows)
+    figures, notes = write_figures(stats, infer_design(stats), out_dir / FIGURES_DIR)
+    report.write_text(render_report(rows, stats, figures, notes), encoding="utf-8")
+    write_csv(rows, out_dir / CSV_FILE)
+    return report
+
+
+def _finite_or(x: float, default: float) -> float:
+    return x if math.isfinite(x) else default
+
+
+def headline_findings(stats: list[Row]) -> list[str]:
+    """Two to four one-line findings: the fastest, slowest, lowest-memory and most accurate cell."""
+    ok = [s for s in stats if s["n_ok"]]
+    if not ok:
+        return ["no successful runs"]
+
+    def versus(s: Row) -> str:
+        if s["is_base"]:
+            return "the baseline"
+        speedup = s["speedup"][0]
+        pace = "" if not math.isfinite(speedup) else " (slower)" if speedup < 1 else " (faster)"
+        return f"{fmt(speedup, 2)}× throughput{pace}, {fmt(s['memory_ratio'], 2)}× peak memory vs baseline"
+
+    fastest = max(ok, key=lambda s: _finite_or(s["throughput"]["mean"], -math.inf))
+    slowest = min(ok, key=lambda s: _finite_or(s["throughput"]["mean"], math.inf))
+    smallest = min(ok, key=lambda s: _finite_or(s["peak_mib"], math.inf))
+    found = [f"fastest: {fastest['label']}, {fmt(fastest['throughput']['mean'])} samples/s ({versus(fastest)})",
+             f"slowest: {slowest['label']}, {fmt(slowest['throughput']['mean'])} samples/s ({versus(slowest)})",
+             f"lowest peak memory: {smallest['label']}, {fmt(smallest['peak_mib'])} MiB ({versus(smallest)})"]
+    with_accuracy = [s for s in ok if math.isfinite(s["accuracy"]["mean"])]
+    if with_accuracy:
+        best = max(with_accuracy, key=lambda s: s["accuracy"]["mean"])
+        change = "" if best["is_base"] else f", {best['accuracy_change'][0]:+.1f} pts vs baseline"
+        found.append(f"best top-1: {best['label']}, {best['accuracy']['mean']:.1f}%{change}")
+    return list(dict.fromkeys(found))
+
+
+def write_index(results_dir: Path) -> Path:
+    """``results_dir/README.md``: every folder holding a cells.jsonl, its counts, device and findings.
+
+    A folder whose report is missing or older than its rows gets its report rebuilt first, so
+    every link in the index points at a report of the current rows.
+    """
+    from bench.results import ROWS_FILE, read_rows
+
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"no results folder: {results_dir} does not exist")
+    table, sections = [], []
+    for rows_path in sorted(results_dir.rglob(ROWS_FILE)):
+        folder, report = rows_path.parent, rows_path.parent / REPORT_FILE
+        if not report.exists() or report.stat().st_mtime < rows_path.stat().st_mtime:
+            build_report(folder)
+        rows = read_rows(rows_path, warn=False)
+        link = report.relative_to(results_dir).as_posix()
+        name = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows)) or folder.name
+        failed = Counter(r.get("status") for r in rows if r.get("status") != "ok")
+        devices = ", ".join(dict.fromkeys(str(r["env"].get("device_name")) for r in rows if r.get("env"))) or "—"
+        table.append([f"[{name}]({link})", f"{len(rows) - sum(failed.values())} ok / {sum(failed.values())} failed"
+                      + (f" ({', '.join(f'{k} {n}' for k, n in failed.items())})" if failed else ""), devices])
+        findings = headline_findings(all_cell_stats(rows)) if rows else ["no rows yet"]
+        sections += [f"## [{name}]({link})", "", f"`{folder.relative_to(results_dir).as_posix() or '.'}` on {devices}",
+                     "", *[f"- {f}" for f in findings], ""]
+    lines = ["# Results index", ""]
+    lines += [md_table(["matrix", "runs", "device"], table), "", *sections] if table else ["No results yet."]
+    index = results_dir / "README.md"
+    index.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return index
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    print(build_report(Path(args.dir)))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    print(write_index(Path(args.results_dir)))
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add ``report DIR`` and ``index RESULTS_DIR`` to the trickbench command line."""
+    report = subparsers.add_parser("report", help="write DIR/report.md and DIR/figures/ from DIR/cells.jsonl")
+    report.add_argument("dir", metavar="DIR", help="a run's output folder (holds cells.jsonl)")
+    report.set_defaults(func=_cmd_report)
+    index = subparsers.add_parser("index", help="write RESULTS_DIR/README.md indexing every run folder")
+    index.add_argument("results_dir", metavar="RESULTS_DIR", help="folder whose subfolders hold cells.jsonl")
+    index.set_defaults(func=_cmd_index)

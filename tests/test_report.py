@@ -1,0 +1,209 @@
+"""bench.report on a hand-built cells.jsonl whose expected numbers are known in advance."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.report import add_cli, build_report, md_table, render_report, write_index
+from bench.stats import all_cell_stats
+
+MIB = 2 ** 20
+FIGURES = ["throughput_vs_memory", "accuracy", "speedup_heatmap", "memory_breakdown", "curves", "step_times"]
+ENV = {"harness_version": "0.1.0", "git_commit": "abc123def4567890", "git_dirty": False, "python": "3.11.7",
+       "torch": "2.5.0", "torchvision": "0.20.0", "cuda": None, "cudnn": None, "device": "cpu",
+       "device_name": "Test CPU", "driver": None, "cpu_model": "Test CPU", "cpu_cores": 2, "torch_threads": 2,
+       "cpu_capability": "AVX2", "hostname": "box"}
+BASE = {"precision": "fp32", "checkpointing": False}
+
+
+def ok_row(cell_id, axes, seed, throughput, peak_mib, accuracy, step_ms, loss=0.5, env=None):
+    """A successful row; step times scatter ±5% around ``step_ms`` and memory splits into parts."""
+    peak = int(peak_mib * MIB)
+    parts = {"parameters": peak // 10, "buffers": peak // 100, "optimizer_state": peak // 10,
+             "gradients": peak // 10, "other": peak // 20}
+    parts["activations"] = peak - sum(parts.values())
+    steps = list(step_ms * np.random.default_rng(seed).uniform(0.95, 1.05, 40))
+    curve = [{"epoch": e, "step": 10 * e, "train_loss": loss * (4 - e), "elapsed_s": float(e),
+              "accuracy_top1": accuracy - 0.1 * (3 - e), "accuracy_top5": 1.0} for e in (1, 2, 3)]
+    return {"schema_version": 1, "matrix": "toy", "cell_id": cell_id, "seed": seed, "axes": axes,
+            "config": {"batch_size": 64, **axes}, "status": "ok", "error": None, "failed_at_step": None,
+            "throughput_samples_per_s": throughput, "step_time_ms_median": float(np.median(steps)),
+            "step_time_ms_p10": float(np.percentile(steps, 10)), "step_time_ms_p90": float(np.percentile(steps, 90)),
+            "step_times_ms": steps, "data_stall_fraction": 0.01, "warmup_time_s": 0.1, "peak_memory_bytes": peak,
+            "memory_breakdown": parts, "flops_per_step": 10 ** 9, "achieved_tflops": 0.05, "peak_rss_bytes": 10 ** 9,
+            "accuracy_top1": accuracy, "accuracy_top5": 1.0, "final_train_loss": loss, "curve": curve,
+            "wall_time_s": 3.0, "env": dict(env or ENV)}
+
+
+def failed_row(cell_id, axes, seed, status="oom", error="CUDA out of memory | tried 2 GiB", step=7):
+    return {"schema_version": 1, "matrix": "toy", "cell_id": cell_id, "seed": seed, "axes": axes,
+            "config": {"batch_size": 64, **axes}, "status": status, "error": error, "failed_at_step": step,
+            "wall_time_s": 1.0, "env": dict(ENV)}
+
+
+def toy_rows():
+    """3 cells x 3 seeds, round-robin like the runner: bf16 doubles throughput and halves memory,
+    checkpointing saves memory, and its seed 2 ran out of memory."""
+    bf16, ckpt = {**BASE, "precision": "bf16"}, {**BASE, "checkpointing": True}
+    rows = []
+    for seed, jitter in enumerate((-5.0, 0.0, 5.0)):
+        rows.append(ok_row("base", BASE, seed, 100 + jitter, 100, 0.90 + 0.01 * seed, 10.0))
+        rows.append(ok_row("bf16", bf16, seed, 200 + 2 * jitter, 50, 0.92 + 0.01 * seed, 5.0, loss=0.4))
+        rows.append(ok_row("ckpt", ckpt, seed, 80 + jitter, 40, 0.90 + 0.01 * seed, 12.5) if seed < 2
+                    else failed_row("ckpt", ckpt, seed))
+    return rows
+
+
+def write_rows(folder: Path, rows) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    folder = write_rows(tmp_path_factory.mktemp("toy"), toy_rows())
+    report = build_report(folder)
+    return folder, report.read_text()
+
+
+def table_line(text: str, label: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+
+
+def test_report_shows_speedup_memory_ratio_and_accuracy_change(built):
+    _, text = built
+    bf16 = table_line(text, 'precision="bf16"')
+    assert "2.00×" in bf16 and "0.50×" in bf16 and "+2.0" in bf16
+    assert "200 ± " in bf16  # throughput mean ± CI half-width
+    ckpt = table_line(text, "checkpointing=true")
+    assert "2/3" in ckpt and "0.40×" in ckpt and "0.78×" in ckpt  # seeds 0 and 1 only: 77.5 / 100
+
+
+def test_marks_follow_the_gates(built):
+    _, text = built
+    bf16 = table_line(text, 'precision="bf16"').split(" | ")
+    assert bf16[3].endswith("*")  # median step time halved: both gates pass
+    assert bf16[8].endswith("*")  # speedup interval excludes 1
+    assert "Mann–Whitney" in text and "excludes 1" in text  # the legend
+
+
+def test_one_table_per_axis_with_the_baseline(built):
+    _, text = built
+    assert "### precision" in text and "### checkpointing" in text
+    assert text.count("| **baseline** |") == 2
+
+
+def test_failed_rows_are_listed(built):
+    _, text = built
+    failures = text.split("## Failed runs")[1].split("## Figures")[0]
+    assert "| checkpointing=true | 2 | oom | 7 | CUDA out of memory \\| tried 2 GiB |" in failures
+
+
+def test_environment_section_without_warning(built):
+    _, text = built
+    assert "Test CPU" in text and "2.5.0" in text and "abc123def456" in text
+    assert "WARNING" not in text
+
+
+def test_figures_exist_are_png_and_not_blank(built):
+    import matplotlib.image as mpimg
+
+    folder, text = built
+    for name in FIGURES:
+        path = folder / "figures" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        pixels = mpimg.imread(path)
+        assert pixels.std() > 0.01, name
+        rgb = (pixels[..., :3] * 255).astype(np.uint32)
+        assert len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2])) > 8, name  # distinct colours
+        assert f"(figures/{name}.png)" in text
+
+
+def test_results_csv_is_refreshed(built):
+    folder, _ = built
+    assert len((folder / "results.csv").read_text().splitlines()) == 1 + 9
+
+
+def test_warning_when_rows_mix_machines_and_versions():
+    rows = toy_rows()
+    rows[4] = dict(rows[4], env={**ENV, "hostname": "other-box", "torch": "2.6.0"})
+    text = render_report(rows, all_cell_stats(rows), [], [])
+    assert "WARNING: rows come from different machines" in text and "other-box" in text
+    assert "WARNING: rows come from different library versions" in text and "2.6.0" in text
+
+
+def test_cell_whose_runs_all_failed_still_appears():
+    sam = {**BASE, "precision": "fp16"}
+    rows = toy_rows() + [failed_row("fp16", sam, 0, status="diverged", error="loss is nan", step=3)]
+    text = render_report(rows, all_cell_stats(rows), [], [])
+    line = table_line(text, 'precision="fp16"')
+    assert "0/1" in line and "—" in line
+    assert "| diverged | 3 | loss is nan |" in text
+
+
+def test_accuracy_figure_skipped_with_note_when_accuracy_is_null(tmp_path):
+    rows = [dict(r, accuracy_top1=None, curve=[{k: v for k, v in p.items() if not k.startswith("accuracy")}
+                                               for p in r.get("curve", [])]) for r in toy_rows()]
+    text = build_report(write_rows(tmp_path, rows)).read_text()
+    assert not (tmp_path / "figures" / "accuracy.png").exists()
+    assert "accuracy.png skipped" in text and "(figures/curves.png)" in text
+
+
+def test_full_factorial_has_main_effects_and_interactions(tmp_path):
+    rows = []
+    for seed in (0, 1):
+        for precision, p_speed in (("fp32", 1.0), ("bf16", 2.0)):
+            for ckpt, c_speed in ((False, 1.0), (True, 0.5)):
+                axes = {"precision": precision, "checkpointing": ckpt}
+                rows.append(ok_row(f"{precision}-{ckpt}", axes, seed, 100 * p_speed * c_speed + seed, 100, 0.9,
+                                   10.0 / (p_speed * c_speed)))
+    text = build_report(write_rows(tmp_path, rows)).read_text()
+    assert "full_factorial" in text and "### Main effects" in text and "### Interactions" in text
+    assert 'precision="bf16", checkpointing=true' in text or 'checkpointing=true, precision="bf16"' in text
+    assert '| "bf16" | 2.00× | 1.00× |' in text  # speedup pivot: bf16 doubles, checkpointing halves
+    assert (tmp_path / "figures" / "speedup_heatmap.png").exists()
+
+
+def test_missing_rows_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "cells.jsonl")):
+        build_report(tmp_path)
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """For tests about text only: drawing the figures is the slow part of a report."""
+    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
+
+
+def test_write_index_links_every_report(built, tmp_path, no_figures):
+    folder, _ = built
+    shutil.copy(folder / "cells.jsonl", write_rows(tmp_path / "core", []) / "cells.jsonl")
+    write_rows(tmp_path / "nested" / "second", toy_rows()[:3])
+    text = write_index(tmp_path).read_text()
+    for link in ("(core/report.md)", "(nested/second/report.md)"):
+        assert link in text
+        assert (tmp_path / link.strip("()")).is_file()
+    assert "8 ok / 1 failed (oom 1)" in text and "3 ok / 0 failed" in text
+    assert 'fastest: precision="bf16"' in text and "2.00× throughput (faster)" in text
+    assert "lowest peak memory: checkpointing=true" in text and "best top-1" in text
+
+
+def test_cli_report_and_index(tmp_path, capsys, no_figures):
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    folder = write_rows(tmp_path / "run", toy_rows()[:3])
+    args = parser.parse_args(["report", str(folder)])
+    assert args.func(args) == 0 and capsys.readouterr().out.strip() == str(folder / "report.md")
+    args = parser.parse_args(["index", str(tmp_path)])
+    assert args.func(args) == 0 and (tmp_path / "README.md").is_file()
+
+
+def test_md_table_escapes_pipes_and_newlines():
+    text = md_table(["a", "b"], [["x|y", "1\n2"]])
+    assert text.splitlines() == ["| a | b |", "| :--- | ---: |", "| x\\|y | 1 2 |"]
