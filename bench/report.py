@@ -32,13 +32,14 @@ ENV_FIELDS = ("device_name", "cpu_model", "torch", "torchvision", "cuda", "cudnn
 
 # --- markdown ------------------------------------------------------------------------------------------
 
-def md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub markdown table: first column left-aligned, the numbers right-aligned."""
+def md_table(headers: list[str], rows: list[list[Any]], numeric: bool = True) -> str:
+    """A GitHub markdown table (no tabulate dependency): first column left-aligned, the others
+    right-aligned when ``numeric``, so that numbers line up; cells are flattened to one line."""
     def cell(value: Any) -> str:
         return " ".join(str(value).split()).replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(cell, headers)) + " |",
-             "| :--- |" + " ---: |" * (len(headers) - 1)]
+             "| :--- |" + (" ---: |" if numeric else " :--- |") * (len(headers) - 1)]
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -66,10 +67,13 @@ def fmt_interval(estimate: tuple[float, float, float], unit: str, decimals: int,
     value, low, high = estimate
     if not math.isfinite(value):
         return "—"
-    sign = "+" if signed else ""
-    text = f"{value:{sign}.{decimals}f}{unit}"
+    def number(x: float) -> str:
+        text = f"{x:{'+' if signed else ''}.{decimals}f}"
+        return text.replace("-", "+") if signed and float(text) == 0 else text  # no "-0.0"
+
+    text = number(value) + unit
     if math.isfinite(low) and math.isfinite(high):
-        text += f" [{low:{sign}.{decimals}f}, {high:{sign}.{decimals}f}]"
+        text += f" [{number(low)}, {number(high)}]"
     return text + ("*" if mark else "")
 
 
@@ -141,7 +145,7 @@ def failures_section(rows: list[Row], labels: dict[str, str]) -> list[str]:
         return ["No failed runs."]
     table = [[labels[r["cell_id"]], r["seed"], r.get("status"), fmt(r["failed_at_step"], 0)
               if isinstance(r.get("failed_at_step"), (int, float)) else "—", _short(r.get("error"))] for r in failed]
-    return [md_table(["cell", "seed", "status", "failed at step", "error"], table)]
+    return [md_table(["cell", "seed", "status", "failed at step", "error"], table, numeric=False)]
 
 
 def _short(text: Any, limit: int = 300) -> str:
@@ -150,7 +154,7 @@ def _short(text: Any, limit: int = 300) -> str:
 
 
 def _counts(values: list[Any]) -> str:
-    counts = Counter(str(v) for v in values)
+    counts = Counter("—" if v is None else str(v) for v in values)
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{v} ({n} rows)" for v, n in counts.most_common())
@@ -169,7 +173,7 @@ def environment_section(rows: list[Row]) -> list[str]:
                       f"like for like.** " + " · ".join(mixed), ""]
     commits = [f"{str(e.get('git_commit'))[:12]}{' (dirty)' if e.get('git_dirty') else ''}" for e in envs]
     table = [[f, _counts([e.get(f) for e in envs])] for f in ENV_FIELDS] + [["git commit", _counts(commits)]]
-    return lines + [md_table(["field", "value"], table)]
+    return lines + [md_table(["field", "value"], table, numeric=False)]
 
 
 # --- figures -------------------------------------------------------------------------------------------
@@ -207,28 +211,51 @@ def _height(n: int) -> float:
     return max(3.0, 0.45 * n + 1.5)
 
 
+def _label_offsets(ax: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    """Text offsets (points) that move a label down while it would print over an earlier one."""
+    placed, offsets = [], []
+    for px, py in ax.transData.transform(np.column_stack([xs, ys])) * 72 / DPI:
+        dy = 5.0
+        while any(abs(px - qx) < 70 and abs(py + dy - qy) < 10 for qx, qy in placed):
+            dy -= 10
+        placed.append((px, py + dy))
+        offsets.append((6.0, dy))
+    return offsets
+
+
 def plot_throughput_vs_memory(stats: list[Row], path: Path) -> bool:
     ok = [s for s in stats if math.isfinite(s["peak_mib"]) and math.isfinite(s["throughput"]["mean"])]
     if not ok:
         return False
     plt, colors = _pyplot(), _palette(stats)
-    fig, ax = plt.subplots(layout="constrained", figsize=(8, 5.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(9, 5.5))
     memory, speed = [s["peak_mib"] for s in ok], [s["throughput"]["mean"] for s in ok]
-    for s in ok:
-        half = (s["throughput"]["ci_high"] - s["throughput"]["ci_low"]) / 2
-        ax.errorbar(s["peak_mib"], s["throughput"]["mean"], yerr=half if math.isfinite(half) else None,
-                    fmt="o", color=colors[s["label"]], capsize=4, markersize=7, label=s["label"])
+    # The axes follow the means, not the intervals: with two seeds a t interval can be ten times
+    # the mean and would squash every point into one corner. Bars that run off are said to.
+    if max(speed) / max(min(speed), 1e-12) > 10:
+        ax.set_yscale("log")
+        ax.set_ylim(min(speed) / 2, max(speed) * 2)
+    else:
+        ax.set_ylim(0, max(speed) * 1.3)
+    ax.set_xlim(0, max(memory) * 1.15)
+    clipped = False
+    for s, offset in zip(ok, _label_offsets(ax, memory, speed)):
+        low, high = s["throughput"]["ci_low"], s["throughput"]["ci_high"]
+        bars = math.isfinite(low) and math.isfinite(high)
+        clipped |= bars and (high > ax.get_ylim()[1] or low < ax.get_ylim()[0])
+        ax.errorbar(s["peak_mib"], s["throughput"]["mean"], yerr=(high - low) / 2 if bars else None, fmt="o",
+                    color=colors[s["label"]], capsize=4, markersize=7, label=s["label"])
         ax.annotate(s["label"], (s["peak_mib"], s["throughput"]["mean"]), textcoords="offset points",
-                    xytext=(6, 5), fontsize=8)
+                    xytext=offset, fontsize=8)
     front = pareto_front(memory, speed)
     xs, ys = [memory[i] for i in front], [speed[i] for i in front]
     ax.plot(xs + [max(memory)], ys + [ys[-1]], drawstyle="steps-post", color="0.3", linestyle="--",
-            linewidth=1.2, zorder=0, label="Pareto front (most throughput for its memory)")
+            linewidth=1.2, zorder=0, label="Pareto front:\nmost throughput\nfor its memory (circled)")
     ax.scatter(xs, ys, s=220, facecolors="none", edgecolors="0.2", linewidths=1.5, zorder=3)
-    ax.set(xlabel="peak memory (MiB)", ylabel="throughput (samples/s)",
-           title="Throughput vs peak memory (mean over seeds, 95% CI; circled = Pareto front)")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="best")
+    ax.set(xlabel="peak memory (MiB)", ylabel="throughput (samples/s" + (", log scale)" if
+           ax.get_yscale() == "log" else ")"), title="Throughput vs peak memory (mean over seeds, 95% CI)"
+           + ("\nsome intervals run off the plot (few seeds)" if clipped else ""))
+    fig.legend(fontsize=8, loc="outside right upper")
     ax.grid(alpha=0.3)
     _save(fig, path)
     return True
@@ -250,6 +277,10 @@ def plot_accuracy(stats: list[Row], path: Path) -> bool:
         title += "\ndashed line: baseline mean"
     ax.set_yticks(range(len(ok)), [s["label"] for s in ok])
     ax.invert_yaxis()
+    left, right = ax.get_xlim()
+    if right > 100:  # a t interval of a few seeds can pass 100%; the scale should not
+        ax.set_xlim(left, 100.5)
+        title += "; intervals cut at 100%"
     ax.set(xlabel="top-1 accuracy (%)", title=title)
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
@@ -461,8 +492,6 @@ def headline_findings(stats: list[Row]) -> list[str]:
         return ["no successful runs"]
 
     def versus(s: Row) -> str:
-        if s["is_base"]:
-            return "the baseline"
         speedup = s["speedup"][0]
         pace = "" if not math.isfinite(speedup) else " (slower)" if speedup < 1 else " (faster)"
         return f"{fmt(speedup, 2)}× throughput{pace}, {fmt(s['memory_ratio'], 2)}× peak memory vs baseline"
@@ -470,9 +499,10 @@ def headline_findings(stats: list[Row]) -> list[str]:
     fastest = max(ok, key=lambda s: _finite_or(s["throughput"]["mean"], -math.inf))
     slowest = min(ok, key=lambda s: _finite_or(s["throughput"]["mean"], math.inf))
     smallest = min(ok, key=lambda s: _finite_or(s["peak_mib"], math.inf))
-    found = [f"fastest: {fastest['label']}, {fmt(fastest['throughput']['mean'])} samples/s ({versus(fastest)})",
-             f"slowest: {slowest['label']}, {fmt(slowest['throughput']['mean'])} samples/s ({versus(slowest)})",
-             f"lowest peak memory: {smallest['label']}, {fmt(smallest['peak_mib'])} MiB ({versus(smallest)})"]
+    found = [f"fastest: {fastest['label']}, {fmt(fastest['throughput']['mean'])} samples/s",
+             f"slowest: {slowest['label']}, {fmt(slowest['throughput']['mean'])} samples/s",
+             f"lowest peak memory: {smallest['label']}, {fmt(smallest['peak_mib'])} MiB"]
+    found = [line + ("" if s["is_base"] else f" ({versus(s)})") for line, s in zip(found, (fastest, slowest, smallest))]
     with_accuracy = [s for s in ok if math.isfinite(s["accuracy"]["mean"])]
     if with_accuracy:
         best = max(with_accuracy, key=lambda s: s["accuracy"]["mean"])

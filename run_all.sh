@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run every matrix in ablations/ with the profile that fits this machine, then rebuild the
+# reports. With a CUDA device: the full matrices. Without: each matrix's `cpu` profile.
+# Finished runs are kept: running this again resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
+if ! "$PY" -c "import bench" 2>/dev/null; then
+  echo "trickbench is not installed: run 'bash .ci/setup' first (see README)" >&2
+  exit 1
+fi
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  profile_args=(); echo "CUDA device found: running the full matrices"
+else
+  profile_args=(--profile cpu); echo "no CUDA device: running each matrix's cpu profile"
+fi
+
+status=0
+for matrix in ablations/*.yaml; do
+  echo "== $matrix"
+  "$PY" -m bench run "$matrix" "${profile_args[@]}" || status=$?
+done
+
+for dir in results/*/; do
+  [ -f "$dir/cells.jsonl" ] && "$PY" -m bench report "$dir"
+done
+"$PY" -m bench index results
+exit $status
