@@ -5,11 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
-if ! "$PY" -c "import bench" 2>/dev/null; then
-  echo "trickbench is not installed: run 'bash .ci/setup' first (see README)" >&2
-  exit 1
-fi
+PY=.venv/bin/python
+"$PY" -c "import bench" 2>/dev/null || bash .ci/setup  # first run on a fresh machine: install
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   profile_args=(); echo "CUDA device found: running the full matrices"

@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"
     time_limit_s: float = 3600.0  # per run; the child is killed and the run recorded as timeout
     memory_limit_mb: Optional[int] = None  # CPU runs: cap on what the run may allocate; over it = oom
+    target_accuracy: Optional[float] = None  # top-1 in [0, 1]: report time_to_target_s
     deterministic: bool = False  # torch.use_deterministic_algorithms; CPU runs are deterministic anyway
     tricks: dict[str, Any] = field(default_factory=dict)  # trick name → parsed value, every trick
 
@@ -95,7 +96,7 @@ RANGES: dict[str, tuple[float, float]] = {  # inclusive bounds of numeric fields
     "batch_size": (1, float("inf")), "epochs": (1, float("inf")), "steps": (1, float("inf")),
     "eval_batch_size": (1, float("inf")), "num_workers": (0, 64), "image_size": (8, 4096),
     "num_classes": (2, 100_000), "num_samples": (1, float("inf")), "warmup_steps": (0, 10_000),
-    "time_limit_s": (1, float("inf")), "memory_limit_mb": (1, float("inf")), "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1),
+    "time_limit_s": (1, float("inf")), "memory_limit_mb": (1, float("inf")), "target_accuracy": (0, 1), "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1),
 }
 CHOICES: dict[str, list[str]] = {
     "name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "device": DEVICES,

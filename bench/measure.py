@@ -211,3 +211,43 @@ def _nvidia_driver() -> str | None:
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     return None
+
+
+# Dense peak TFLOP/s from vendor datasheets (SXM parts, no sparsity), by precision. Names are
+# matched as substrings of torch.cuda.get_device_name().
+KNOWN_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
+    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0},
+    "A10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0},
+    "V100": {"fp32": 15.7, "tf32": 15.7, "bf16": 15.7, "fp16": 125.0},
+    "RTX 4090": {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2},
+}
+MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak TFLOP/s, where it comes from): the datasheet table, else a measured matmul peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return peaks[precision], f"datasheet {key} {precision}"
+    return measured_matmul_tflops(device, MATMUL_DTYPES[precision]), f"measured matmul {precision}"
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """Best-of-n throughput of a square matmul: an achievable peak for devices not in the table."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    a @ b  # first call: kernel selection, page faults
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e12

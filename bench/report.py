@@ -12,7 +12,6 @@ this module for ``add_cli`` and every command would otherwise pay for them at st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -55,6 +54,14 @@ def fmt(x: float, decimals: int | None = None) -> str:
     return f"{x:.{_decimals(x) if decimals is None else decimals}f}"
 
 
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}×" if math.isfinite(x) else "—"
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b else math.nan
+
+
 def fmt_ci(summary: Row, decimals: int | None = None) -> str:
     """``mean ± half-width`` of the 95% interval; the mean alone when the interval is unknown."""
     mean, decimals = summary["mean"], _decimals(summary["mean"]) if decimals is None else decimals
@@ -94,7 +101,7 @@ def cell_row(s: Row) -> list[str]:
             fmt(s["step_ms"]) + ("*" if s["step_verdict"].significant and not ref else ""),
             fmt(s["peak_mib"]), fmt(s["breakdown"]["activations"]), fmt_ci(s["accuracy"], 1), fmt(s["loss"], 3),
             "ref" if ref else fmt_interval(speedup, "×", 2, excludes(speedup[1], speedup[2], 1.0)),
-            "ref" if ref else fmt(s["memory_ratio"], 2) + ("×" if math.isfinite(s["memory_ratio"]) else ""),
+            "ref" if ref else fmt_ratio(s["memory_ratio"]),
             "ref" if ref else fmt_interval(change, "", 1, excludes(change[1], change[2], 0.0), signed=True)]
 
 
@@ -125,18 +132,34 @@ def factorial_section(stats: list[Row]) -> list[str]:
         table = []
         for value in options:
             thr, mem = (mean_where(stats, f, **{axis: value}) for f in ("throughput", "peak_mib"))
-            table.append([axis_key(value), fmt(thr), fmt(thr / base_thr, 2) + "×", fmt(mem),
-                          fmt(mem / base_mem, 2) + "×", fmt(mean_where(stats, "accuracy", **{axis: value}), 1)])
+            table.append([axis_key(value), fmt(thr), fmt_ratio(_div(thr, base_thr)), fmt(mem),
+                          fmt_ratio(_div(mem, base_mem)), fmt(mean_where(stats, "accuracy", **{axis: value}), 1)])
         lines += [f"**{axis}**", "", md_table([axis, "throughput (samples/s)", "speedup ×", "peak memory (MiB)",
                                                "memory ×", "top-1 (%)"], table), ""]
     lines += ["### Interactions", "", "Speedup vs the baseline for each pair of axes, mean over the other axes.", ""]
     names = list(values)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            table = [[axis_key(va)] + [fmt(mean_where(stats, "speedup", **{a: va, b: vb}), 2) + "×" for vb in values[b]]
+            table = [[axis_key(va)] + [fmt_ratio(mean_where(stats, "speedup", **{a: va, b: vb})) for vb in values[b]]
                      for va in values[a]]
             lines += [f"**{a} × {b}**", "", md_table([f"{a} \\ {b}"] + [axis_key(v) for v in values[b]], table), ""]
     return lines
+
+
+def unstable_note(stats: list[Row], limit: float = 0.25) -> list[str]:
+    """A visible note when seeds of one cell disagree wildly on throughput.
+
+    Seeds change the data order and initialisation, which barely moves throughput; a spread this
+    large almost always means the machine was busy with something else during some runs.
+    """
+    spread = {s["label"]: s["throughput"]["std"] / s["throughput"]["mean"] for s in stats
+              if math.isfinite(s["throughput"]["std"]) and s["throughput"]["mean"] > 0}
+    unstable = [f"{label} ({cv:.0%})" for label, cv in spread.items() if cv > limit]
+    if not unstable:
+        return []
+    return [f"**Note: throughput varies by more than {limit:.0%} (std/mean) between the seeds of "
+            f"{len(unstable)} of {len(spread)} cells: {', '.join(unstable)}. Seeds hardly change speed, so the "
+            "machine was probably busy during some runs; treat speed comparisons with care.**", ""]
 
 
 def failures_section(rows: list[Row], labels: dict[str, str]) -> list[str]:
@@ -172,6 +195,8 @@ def environment_section(rows: list[Row]) -> list[str]:
             lines += [f"**WARNING: rows come from different {kind}; comparisons between them are not "
                       f"like for like.** " + " · ".join(mixed), ""]
     commits = [f"{str(e.get('git_commit'))[:12]}{' (dirty)' if e.get('git_dirty') else ''}" for e in envs]
+    if len({c.split()[0] for c in commits}) > 1:
+        lines += ["Note: rows come from different commits of the harness; timing code may have changed.", ""]
     table = [[f, _counts([e.get(f) for e in envs])] for f in ENV_FIELDS] + [["git commit", _counts(commits)]]
     return lines + [md_table(["field", "value"], table, numeric=False)]
 
@@ -207,6 +232,16 @@ def _palette(stats: list[Row]) -> dict[str, Any]:
     return dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))))
 
 
+def _plain_log_scale(axis: Any) -> None:
+    """Log scale labelled 100, 200, 500, 1000 instead of 10²: readable without mental arithmetic."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _height(n: int) -> float:
     return max(3.0, 0.45 * n + 1.5)
 
@@ -233,7 +268,7 @@ def plot_throughput_vs_memory(stats: list[Row], path: Path) -> bool:
     # The axes follow the means, not the intervals: with two seeds a t interval can be ten times
     # the mean and would squash every point into one corner. Bars that run off are said to.
     if max(speed) / max(min(speed), 1e-12) > 10:
-        ax.set_yscale("log")
+        _plain_log_scale(ax.yaxis)
         ax.set_ylim(min(speed) / 2, max(speed) * 2)
     else:
         ax.set_ylim(0, max(speed) * 1.3)
@@ -313,23 +348,33 @@ def _speedup_grid(stats: list[Row], design: str) -> tuple[Any, ...] | None:
     return grid, notes, "axis", "axis value (annotated; first = baseline)", names, columns
 
 
+def _ratio_ticks(span: float) -> list[float]:
+    """Round ratios (0.5×, 1×, 2×, …) inside ±span on a log2 scale, finer when the span is narrow."""
+    for candidates in ((0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100),
+                       (0.5, 0.67, 0.8, 1, 1.25, 1.5, 2), (0.8, 0.9, 0.95, 1, 1.05, 1.1, 1.25)):
+        ticks = [math.log2(r) for r in candidates if abs(math.log2(r)) <= span]
+        if len(ticks) >= 4:
+            break
+    return ticks
+
+
 def plot_speedup_heatmap(stats: list[Row], design: str, path: Path) -> bool:
     spec = _speedup_grid(stats, design)
     if spec is None:
         return False
     grid, notes, ylabel, xlabel, rows, columns = spec
     import seaborn as sns
-    from matplotlib.ticker import FuncFormatter
 
     plt = _pyplot()
     with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.log2(grid)
-    span = max(float(np.nanmax(np.abs(logs))) if np.isfinite(logs).any() else 0.0, 0.1)
-    fig, ax = plt.subplots(layout="constrained", figsize=(max(5.0, 1.6 * len(columns) + 2.5), max(3.0, 0.8 * len(rows) + 1.5)))
+        logs = np.log2(grid)  # colour on a log scale: 0.5× and 2× get equally strong colours
+    span = max(float(np.nanmax(np.abs(logs))) * 1.05 if np.isfinite(logs).any() else 0.0, 0.15)
+    size = (max(5.0, 1.6 * len(columns) + 2.5), max(3.0, 0.8 * len(rows) + 1.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=size)
     sns.heatmap(logs, annot=notes, fmt="", cmap="RdYlGn", center=0, vmin=-span, vmax=span, ax=ax,
                 xticklabels=columns, yticklabels=rows, linewidths=0.5, linecolor="white",
-                cbar_kws={"label": "speedup vs baseline (×, log scale)",
-                          "format": FuncFormatter(lambda v, _: f"{2 ** v:.2g}×")})
+                cbar_kws={"label": "speedup vs baseline (×, log scale)", "ticks": _ratio_ticks(span)})
+    ax.collections[0].colorbar.set_ticklabels([f"{2 ** t:.3g}×" for t in _ratio_ticks(span)])
     ax.set(xlabel=xlabel, ylabel=ylabel, title="Throughput speedup vs baseline (green faster, red slower)")
     ax.tick_params(axis="y", rotation=0)
     _save(fig, path)
@@ -399,7 +444,7 @@ def plot_step_times(stats: list[Row], path: Path) -> bool:
     sns.boxplot(frame, x="ms", y="cell", hue="cell", palette=_palette(stats), legend=False, fliersize=2, ax=ax)
     spread = frame["ms"].max() / max(frame["ms"].min(), 1e-9)
     if spread > 20:  # one slow cell would squash every other box into a line
-        ax.set_xscale("log")
+        _plain_log_scale(ax.xaxis)
     ax.set(xlabel="time per step (ms" + (", log scale)" if spread > 20 else ")"), ylabel="",
            title="Per-step time distribution (all seeds pooled, warm-up excluded)")
     ax.grid(alpha=0.3, axis="x")
@@ -407,23 +452,11 @@ def plot_step_times(stats: list[Row], path: Path) -> bool:
     return True
 
 
-# --- the report and the index --------------------------------------------------------------------------
-
 SKIPPED = {"accuracy": "accuracy is null in every row (e.g. synthetic data)",
            "throughput_vs_memory": "no successful run recorded throughput and memory",
            "speedup_heatmap": "needs a baseline with throughput and an axis with a second value",
            "memory_breakdown": "no memory breakdown recorded", "curves": "no training curves recorded",
            "step_times": "no per-step times recorded"}
-
-
-def load_rows(out_dir: Path) -> list[Row]:
-    """The rows of ``out_dir/cells.jsonl``; FileNotFoundError naming the path when it is missing."""
-    from bench.results import ROWS_FILE, read_rows
-
-    path = Path(out_dir) / ROWS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no results to report: {path} does not exist (run `trickbench run` first)")
-    return read_rows(path)
 
 
 def write_figures(stats: list[Row], design: str, folder: Path) -> tuple[list[str], list[str]]:
@@ -443,6 +476,18 @@ def write_figures(stats: list[Row], design: str, folder: Path) -> tuple[list[str
     return written, notes
 
 
+# --- the report and the index --------------------------------------------------------------------------
+
+def load_rows(out_dir: Path) -> list[Row]:
+    """The rows of ``out_dir/cells.jsonl``; FileNotFoundError naming the path when it is missing."""
+    from bench.results import ROWS_FILE, read_rows
+
+    path = Path(out_dir) / ROWS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no results to report: {path} does not exist (run `trickbench run` first)")
+    return read_rows(path)
+
+
 def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str]) -> str:
     """The markdown text of a report; ``figures`` are file names under ``figures/``."""
     design = infer_design(stats)
@@ -456,7 +501,8 @@ def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: 
              "values in which they differ from it.", ""]
     if not stats[0]["n_ok"]:
         lines += ["**The baseline has no successful run: no comparisons are possible.**", ""]
-    lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, ""]
+    lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, "",
+              *unstable_note(stats)]
     lines += one_at_a_time_section(stats) if design == "one_at_a_time" else factorial_section(stats)
     labels = {s["cell_id"]: s["label"] for s in stats}
     lines += ["## Failed runs", "", *failures_section(rows, labels), "", "## Figures", ""]
@@ -492,8 +538,8 @@ def headline_findings(stats: list[Row]) -> list[str]:
         return ["no successful runs"]
 
     def versus(s: Row) -> str:
-        speedup = s["speedup"][0]
-        pace = "" if not math.isfinite(speedup) else " (slower)" if speedup < 1 else " (faster)"
+        speedup, low, high = s["speedup"]
+        pace = (" (within noise)" if not excludes(low, high, 1.0) else " (slower)" if speedup < 1 else " (faster)")
         return f"{fmt(speedup, 2)}× throughput{pace}, {fmt(s['memory_ratio'], 2)}× peak memory vs baseline"
 
     fastest = max(ok, key=lambda s: _finite_or(s["throughput"]["mean"], -math.inf))
@@ -506,7 +552,9 @@ def headline_findings(stats: list[Row]) -> list[str]:
     with_accuracy = [s for s in ok if math.isfinite(s["accuracy"]["mean"])]
     if with_accuracy:
         best = max(with_accuracy, key=lambda s: s["accuracy"]["mean"])
-        change = "" if best["is_base"] else f", {best['accuracy_change'][0]:+.1f} pts vs baseline"
+        change, low, high = best["accuracy_change"]
+        noise = "" if excludes(low, high, 0.0) else " (within noise)"
+        change = "" if best["is_base"] else f", {change:+.1f} pts vs baseline{noise}"
         found.append(f"best top-1: {best['label']}, {best['accuracy']['mean']:.1f}%{change}")
     return list(dict.fromkeys(found))
 
@@ -538,7 +586,10 @@ def write_index(results_dir: Path) -> Path:
         sections += [f"## [{name}]({link})", "", f"`{folder.relative_to(results_dir).as_posix() or '.'}` on {devices}",
                      "", *[f"- {f}" for f in findings], ""]
     lines = ["# Results index", ""]
-    lines += [md_table(["matrix", "runs", "device"], table), "", *sections] if table else ["No results yet."]
+    if not table:
+        lines.append("No results yet.")
+    else:
+        lines += [md_table(["matrix", "runs", "device"], table, numeric=False), "", *sections]
     index = results_dir / "README.md"
     index.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return index

@@ -134,7 +134,8 @@ def differs(baseline_samples: Iterable[float | None], cell_samples: Iterable[flo
         return Verdict(False, p_value, effect, f"p={p_value:.3g} ≥ {alpha:g}: no detectable difference")
     if not abs(effect) >= min_effect:
         return Verdict(False, p_value, effect, f"|effect| {abs(effect):.1%} < {min_effect:.0%} minimum")
-    return Verdict(True, p_value, effect, f"p={p_value:.3g} < {alpha:g} and |effect| {abs(effect):.1%} ≥ {min_effect:.0%}")
+    return Verdict(True, p_value, effect,
+                   f"p={p_value:.3g} < {alpha:g} and |effect| {abs(effect):.1%} ≥ {min_effect:.0%}")
 
 
 # --- per-cell aggregates of rows ---------------------------------------------------------------------

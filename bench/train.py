@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from bench.config import TrainConfig
 from bench.data import build_dataset
-from bench.measure import StepClock, measure_step_memory, peak_rss_bytes, synchronize
+from bench.measure import StepClock, measure_step_memory, peak_rss_bytes, peak_tflops, synchronize
 from bench.models import build_model
 from bench.spec import Batch, RunContext, StepFns, Trick
 from bench.tricks import TRICKS
@@ -168,6 +168,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     window_start: float | None = None
     curve: list[dict[str, Any]] = []
     warmup_time_s = 0.0
+    eval_s = 0.0
     memory = None
     cuda_peaks: dict[str, int] = {}
     batches = endless_batches(loader, device)
@@ -182,14 +183,18 @@ def train(config: TrainConfig, seed: int, device: torch.device,
             window_start = None
 
     def end_epoch(epoch: int, step: int) -> None:
+        nonlocal eval_s
         close_window()
         check_finite(losses)
         losses_this = torch.stack(losses[-len(loader):]).float()
+        # train_time_s: time spent training so far, evaluation excluded (for time-to-target).
         point = {"epoch": epoch + 1, "step": step, "train_loss": losses_this.mean().item(),
-                 "elapsed_s": time.perf_counter() - started}
+                 "train_time_s": time.perf_counter() - started - eval_s}
         if splits.accuracy_meaningful:
+            eval_started = time.perf_counter()
             point.update({f"accuracy_{k}": v for k, v in evaluate(eval_model, eval_loader, device, tricks,
                                                                    splits.num_classes).items()})
+            eval_s += time.perf_counter() - eval_started
         curve.append(point)
 
     def check_finite(values: list[torch.Tensor]) -> None:
@@ -249,7 +254,10 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     samples = timed_steps * config.per_rank_batch_size
     q = statistics.quantiles(durations_ms, n=10) if timed_steps >= 2 else [durations_ms[0]] * 9
     compute_s = sum(clock.durations_s)
+    achieved_tflops = memory.flops_per_step / (compute_s / timed_steps) / 1e12
+    peak, peak_source = peak_tflops(device, config.tricks["precision"])
     final = curve[-1]
+    reached = [p["train_time_s"] for p in curve if (p.get("accuracy_top1") or 0) >= (config.target_accuracy or 2)]
     tail = torch.stack(losses[-min(10, len(losses)):]).float()
     metrics: dict[str, Any] = {
         "steps": total_steps,
@@ -264,11 +272,15 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         "peak_memory_bytes": memory.peak_memory_bytes,
         "memory_breakdown": memory.breakdown,
         "flops_per_step": memory.flops_per_step,
-        "achieved_tflops": memory.flops_per_step / (compute_s / timed_steps) / 1e12,
+        "achieved_tflops": achieved_tflops,
+        "peak_tflops": peak,
+        "peak_tflops_source": peak_source,
+        "mfu": achieved_tflops / peak,
         "peak_rss_bytes": peak_rss_bytes(),
         "accuracy_top1": final.get("accuracy_top1"),
         "accuracy_top5": final.get("accuracy_top5"),
         "final_train_loss": tail.mean().item(),
+        "time_to_target_s": reached[0] if reached else None,
         "curve": curve,
         "wall_time_s": time.perf_counter() - started,
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.report import add_cli, build_report, md_table, render_report, write_index
+from bench.report import add_cli, build_report, md_table, plot_speedup_heatmap, render_report, write_index
 from bench.stats import all_cell_stats
 
 MIB = 2 ** 20
@@ -70,6 +70,12 @@ def built(tmp_path_factory):
     folder = write_rows(tmp_path_factory.mktemp("toy"), toy_rows())
     report = build_report(folder)
     return folder, report.read_text()
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """For tests about text only: drawing the figures is the slow part of a report."""
+    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
 
 
 def table_line(text: str, label: str) -> str:
@@ -136,6 +142,18 @@ def test_warning_when_rows_mix_machines_and_versions():
     text = render_report(rows, all_cell_stats(rows), [], [])
     assert "WARNING: rows come from different machines" in text and "other-box" in text
     assert "WARNING: rows come from different library versions" in text and "2.6.0" in text
+    assert "different commits" not in text
+    rows[5] = dict(rows[5], env={**ENV, "git_commit": "fedcba9876543210"})
+    assert "different commits" in render_report(rows, all_cell_stats(rows), [], [])
+
+
+def test_note_when_seeds_disagree_on_throughput(built):
+    _, text = built
+    assert "throughput varies by more than" not in text
+    rows = toy_rows()
+    rows[3] = dict(rows[3], throughput_samples_per_s=300.0)  # baseline seed 1: a quiet machine at last
+    text = render_report(rows, all_cell_stats(rows), [], [])
+    assert "throughput varies by more than 25%" in text and "baseline (" in text
 
 
 def test_cell_whose_runs_all_failed_still_appears():
@@ -155,7 +173,7 @@ def test_accuracy_figure_skipped_with_note_when_accuracy_is_null(tmp_path):
     assert "accuracy.png skipped" in text and "(figures/curves.png)" in text
 
 
-def test_full_factorial_has_main_effects_and_interactions(tmp_path):
+def test_full_factorial_has_main_effects_and_interactions(tmp_path, no_figures):
     rows = []
     for seed in (0, 1):
         for precision, p_speed in (("fp32", 1.0), ("bf16", 2.0)):
@@ -167,18 +185,13 @@ def test_full_factorial_has_main_effects_and_interactions(tmp_path):
     assert "full_factorial" in text and "### Main effects" in text and "### Interactions" in text
     assert 'precision="bf16", checkpointing=true' in text or 'checkpointing=true, precision="bf16"' in text
     assert '| "bf16" | 2.00× | 1.00× |' in text  # speedup pivot: bf16 doubles, checkpointing halves
-    assert (tmp_path / "figures" / "speedup_heatmap.png").exists()
+    assert plot_speedup_heatmap(all_cell_stats(rows), "full_factorial", tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_rows_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "cells.jsonl")):
         build_report(tmp_path)
-
-
-@pytest.fixture
-def no_figures(monkeypatch):
-    """For tests about text only: drawing the figures is the slow part of a report."""
-    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
 
 
 def test_write_index_links_every_report(built, tmp_path, no_figures):
