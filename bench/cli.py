@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
+    from bench.report import add_cli
+
+    add_cli(sub)  # report DIR, index RESULTS_DIR
     return parser
 
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ CSV_FILE = "results.csv"
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row and make it durable before returning: a kill after this loses nothing."""
-    line = json.dumps(row, sort_keys=True, default=str) + "\n"
+    line = json.dumps(row, default=str) + "\n"  # key order kept: axes read in the YAML's order
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

@@ -1,6 +1,4 @@
 """Measurement physics on CPU, asserted on deterministic counters (bytes, FLOPs), never on time."""
-import copy
-
 import pytest
 import torch
 

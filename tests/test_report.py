@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.report import add_cli, build_report, md_table, plot_speedup_heatmap, render_report, write_index
+from bench.figures import plot_speedup_heatmap
+from bench.report import add_cli, build_report, md_table, render_report, write_index
 from bench.stats import all_cell_stats
 
 MIB = 2 ** 20

@@ -112,13 +112,15 @@ def test_update_equals_hand_computed_sam_step(k):
     assert any(not torch.allclose(e, s) for e, s in zip(expected, plain_sgd))  # SAM ≠ plain SGD here
 
 
-def test_two_steps_with_momentum_match_reference():
-    """The base optimizer sees only the second gradient; its state carries over between steps."""
+def test_two_steps_with_momentum_and_weight_decay_match_reference():
+    """The base optimizer sees only the second gradient and the restored weights w (weight decay
+    makes the step depend on them: stepping at w + e and subtracting e afterwards is wrong);
+    its state carries over between steps."""
     model = bn_free_net()
     reference = copy.deepcopy(model)
     tricks = [SAM(RHO)]
-    opt = with_tricks(model, tricks, momentum=0.9)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9)
+    opt = with_tricks(model, tricks, momentum=0.9, weight_decay=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9, weight_decay=0.5)
     for seed in (1, 2):
         x, y = batch(seed)
         run_step(model, opt, tricks, (x, y))

@@ -1,0 +1,59 @@
+"""Benchmark: the harness's timed step against a plain hand-written PyTorch step.
+
+Skipped in the default test run (timing belongs in benchmarks, not unit tests). Run with
+    .venv/bin/python -m pytest tests/test_overhead.py -o addopts="" --benchmark-only
+Both benchmarks run in one session on identical models and data; compare their medians.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.measure import StepClock
+from bench.models import build_model
+from bench.spec import RunContext
+from bench.train import build_tricks, run_step
+from bench.config import build_train_config
+
+BATCH = (torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)))
+
+
+def fresh():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", num_classes=10)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+@pytest.mark.benchmark(group="step overhead: tiny_cnn, batch 64, 16x16, fp32")
+def test_plain_pytorch_step(benchmark):
+    model, optimizer = fresh()
+    inputs, targets = BATCH
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    benchmark.pedantic(step, rounds=60, warmup_rounds=5)
+
+
+@pytest.mark.benchmark(group="step overhead: tiny_cnn, batch 64, 16x16, fp32")
+def test_harness_step(benchmark):
+    model, optimizer = fresh()
+    config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": 10}, "bench")
+    tricks = build_tricks(config)  # precision fp32: the trick every run carries
+    for trick in tricks:
+        trick.setup(RunContext(torch.device("cpu"), model, optimizer, config))
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    clock = StepClock(torch.device("cpu"))
+    losses = []
+
+    def step():  # what bench.train.train does per timed step
+        started = clock.start()
+        loss = run_step(model, optimizer, tricks, BATCH)
+        clock.stop(started)
+        scheduler.step()
+        losses.append(loss)
+
+    benchmark.pedantic(step, rounds=60, warmup_rounds=5)
