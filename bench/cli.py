@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
-    from bench.report import add_cli
+    from bench import diagnose, report
 
-    add_cli(sub)  # report DIR, index RESULTS_DIR
+    report.add_cli(sub)  # report DIR, index RESULTS_DIR
+    diagnose.add_cli(sub)
     return parser
 
 

@@ -18,11 +18,11 @@ from typing import Any, Optional
 import yaml
 
 from bench.registry import did_you_mean
+from bench.schedules import SCHEDULES
 
 SCHEMA_VERSION = 1
 DESIGNS = ["one_at_a_time", "full_factorial"]
 OPTIMIZERS = ["sgd", "adamw"]
-LR_SCHEDULES = ["constant", "cosine"]
 DEVICES = ["auto", "cpu", "cuda"]
 MATRIX_KEYS = ["name", "description", "base", "design", "seeds", "axes", "exclude", "profiles"]
 PROFILE_KEYS = ["base", "design", "seeds", "axes", "exclude"]
@@ -56,7 +56,8 @@ class TrainConfig:
     epochs: Optional[int] = None  # training length: epochs or steps, not both
     steps: Optional[int] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    lr_schedule: str = "constant"  # stepped once per optimizer step
+    lr_schedule: str = "constant"  # bench.schedules.SCHEDULES; stepped once per optimizer step
+    lr_warmup_steps: int = 0  # linear warmup before the schedule
     eval_batch_size: int = 512
     num_workers: int = 0
     data_dir: str = "data"
@@ -94,12 +95,12 @@ class TrainConfig:
 
 RANGES: dict[str, tuple[float, float]] = {  # inclusive bounds of numeric fields
     "batch_size": (1, float("inf")), "epochs": (1, float("inf")), "steps": (1, float("inf")),
-    "eval_batch_size": (1, float("inf")), "num_workers": (0, 64), "image_size": (8, 4096),
+    "eval_batch_size": (1, float("inf")), "lr_warmup_steps": (0, float("inf")), "num_workers": (0, 64), "image_size": (8, 4096),
     "num_classes": (2, 100_000), "num_samples": (1, float("inf")), "warmup_steps": (0, 10_000),
     "time_limit_s": (1, float("inf")), "memory_limit_mb": (1, float("inf")), "target_accuracy": (0, 1), "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1),
 }
 CHOICES: dict[str, list[str]] = {
-    "name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "device": DEVICES,
+    "name": OPTIMIZERS, "lr_schedule": list(SCHEDULES), "device": DEVICES,
 }
 
 
@@ -187,6 +188,9 @@ def build_train_config(data: dict[str, Any], file: str, where: str = "") -> Trai
                           f"{did_you_mean(config.dataset, DATASETS.names())}; allowed: {', '.join(DATASETS.names())}")
     if (config.epochs is None) == (config.steps is None):
         raise ConfigError(file, where or "base", "give exactly one of epochs or steps")
+    if config.lr_schedule == "onecycle" and config.lr_warmup_steps:
+        raise ConfigError(file, prefix + "lr_warmup_steps", "must be 0 with lr_schedule onecycle, "
+                          "which has its own warmup (the first 30% of steps)")
     return config
 
 

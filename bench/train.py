@@ -22,6 +22,7 @@ from bench.config import TrainConfig
 from bench.data import build_dataset
 from bench.measure import StepClock, measure_step_memory, peak_rss_bytes, peak_tflops, synchronize
 from bench.models import build_model
+from bench.schedules import build_scheduler
 from bench.spec import Batch, RunContext, StepFns, Trick
 from bench.tricks import TRICKS
 
@@ -51,12 +52,6 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
         return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
                                weight_decay=opt.weight_decay, nesterov=opt.nesterov)
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-
-
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick],
@@ -155,7 +150,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     if total_steps < memory_step + 2:
         raise ValueError(f"{total_steps} steps leave none to time after {config.warmup_steps} warm-up "
                          f"steps and 1 memory step; train longer")
-    scheduler = build_scheduler(config, optimizer, total_steps)
+    scheduler = build_scheduler(config.lr_schedule, optimizer, total_steps, config.lr_warmup_steps)
     eval_loader = DataLoader(splits.test, batch_size=config.eval_batch_size)
     eval_model = model
     for trick in tricks:

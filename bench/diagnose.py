@@ -1,0 +1,126 @@
+"""Diagnostics as files: LR over training for every schedule, and gradient flow per layer.
+
+Not measurements: these run in-process for a few steps and never write result rows.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from bench.config import Matrix, TrainConfig, load_matrix
+from bench.data import build_dataset
+from bench.figures import _pyplot, _save
+from bench.models import build_model
+from bench.schedules import SCHEDULES, lr_trace
+from bench.spec import RunContext
+from bench.train import build_optimizer, build_tricks, make_step, seed_everything
+
+
+def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path) -> Path:
+    """One panel per schedule: LR against optimizer step, without and with linear warmup."""
+    plt = _pyplot()
+    names = list(SCHEDULES)
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    for ax, name in zip(axes.flat, names):
+        ax.plot(lr_trace(name, total_steps, 0, lr), label="no warmup")
+        if name != "onecycle":  # OneCycle has its own warmup; the config rejects another
+            ax.plot(lr_trace(name, total_steps, warmup_steps, lr), "--", label=f"{warmup_steps} warmup steps")
+        ax.set_title(name)
+        ax.set_ylabel("learning rate")
+        ax.set_xlabel("optimizer step")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Learning-rate schedules over {total_steps} steps (peak lr {lr:g}), stepped once per optimizer step")
+    _save(fig, path)
+    return path
+
+
+def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, Any]]:
+    """Mean and max |grad| of every weight (conv/linear, ndim > 1) at the last of ``steps`` steps."""
+    device = torch.device(config.device)
+    seed_everything(seed)
+    splits = build_dataset(config)
+    tricks = build_tricks(config)
+    model = build_model(config.model, splits.num_classes)
+    for trick in tricks:
+        model = trick.prepare_model(model)
+    model.to(device).train()
+    optimizer = build_optimizer(config, model)
+    for trick in tricks:
+        trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
+    loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    layers: list[dict[str, Any]] = []
+    for step, (inputs, targets) in zip(range(steps), _cycle(loader)):
+        fns = make_step(model, optimizer, tricks, (inputs.to(device), targets.to(device)))
+        fns.compute_grads()
+        if step == steps - 1:
+            layers = [{"layer": name.removesuffix(".weight"), "mean_abs_grad": p.grad.abs().mean().item(),
+                       "max_abs_grad": p.grad.abs().max().item()}
+                      for name, p in model.named_parameters() if p.grad is not None and p.ndim > 1]
+        fns.apply_update()
+        for trick in tricks:
+            trick.after_step()
+    return layers
+
+
+def _cycle(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(layers)), 5), layout="constrained")
+    x = range(len(layers))
+    ax.bar(x, [l["max_abs_grad"] for l in layers], alpha=0.4, label="max |grad|")
+    ax.bar(x, [l["mean_abs_grad"] for l in layers], alpha=0.9, label="mean |grad|")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [l["layer"] for l in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("|gradient| (log scale)")
+    ax.set_xlabel("weight (module path, input → output)")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
+    return path
+
+
+def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path) -> list[Path]:
+    cell = next((c for c in matrix.cells if c.cell_id == cell_id), None) if cell_id else matrix.cells[0]
+    if cell is None:
+        known = ", ".join(f"{c.cell_id} ({c.label()})" for c in matrix.cells)
+        raise FileNotFoundError(f"no cell {cell_id!r} in {matrix.file}; cells: {known}")
+    config = cell.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = config.steps or 100
+    written = [plot_lr_schedules(total, config.lr_warmup_steps or max(1, total // 10), config.optimizer.lr,
+                                 out_dir / "lr_schedules.png")]
+    layers = gradient_flow(config, matrix.seeds[0], steps)
+    title = f"Gradient flow after {steps} steps, {matrix.name} cell {cell.cell_id}\n{cell.label()}"
+    written.append(plot_gradient_flow(layers, title, out_dir / f"grad_flow_{cell.cell_id}.png"))
+    return written
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix, profile=args.profile)
+    out_dir = Path(args.out) if args.out else Path("results") / matrix.name / "diagnostics"
+    for path in diagnose(matrix, args.cell, args.steps, out_dir):
+        print(path)
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser("diagnose", help="LR-schedule and gradient-flow figures for a cell")
+    parser.add_argument("matrix", help="ablation YAML file")
+    parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
+    parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")
+    parser.add_argument("--steps", type=int, default=20, help="training steps before reading gradients")
+    parser.add_argument("--out", help="output folder (default results/<matrix>/diagnostics/)")
+    parser.set_defaults(func=_cmd)
