@@ -24,6 +24,7 @@ SCHEMA_VERSION = 1
 DESIGNS = ["one_at_a_time", "full_factorial"]
 OPTIMIZERS = ["sgd", "adamw"]
 DEVICES = ["auto", "cpu", "cuda"]
+BATCH_SCALINGS = ["global", "per_rank"]
 MATRIX_KEYS = ["name", "description", "base", "design", "seeds", "axes", "exclude", "profiles"]
 PROFILE_KEYS = ["base", "design", "seeds", "axes", "exclude"]
 
@@ -47,12 +48,26 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class LauncherConfig:
+    """Where the ranks of a world_size > 1 cell run: one node (torchrun --standalone) or several.
+
+    With nnodes > 1 every node runs the same `trickbench run`; torchrun's rendezvous at
+    rdzv_endpoint joins them (rdzv_id, suffixed per run, keeps consecutive runs apart).
+    """
+
+    nnodes: int = 1
+    rdzv_endpoint: Optional[str] = None  # host:port of the rendezvous (on one of the nodes)
+    rdzv_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One fully resolved training run, minus its seed. Field names are the YAML keys."""
 
     model: str = "tiny_cnn"
     dataset: str = "digits"
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch (batch_scaling: global) or each rank's (per_rank)
+    batch_scaling: str = "global"  # how batch_size relates to world_size; see per_rank_batch_size
     epochs: Optional[int] = None  # training length: epochs or steps, not both
     steps: Optional[int] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -72,6 +87,7 @@ class TrainConfig:
     memory_limit_mb: Optional[int] = None  # CPU runs: cap on what the run may allocate; over it = oom
     target_accuracy: Optional[float] = None  # top-1 in [0, 1]: report time_to_target_s
     deterministic: bool = False  # torch.use_deterministic_algorithms; CPU runs are deterministic anyway
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tricks: dict[str, Any] = field(default_factory=dict)  # trick name → parsed value, every trick
 
     @property
@@ -80,7 +96,9 @@ class TrainConfig:
 
     @property
     def per_rank_batch_size(self) -> int:
-        return self.batch_size // self.world_size
+        """global: W ranks share batch_size (strong scaling); per_rank: each rank gets batch_size,
+        so the global batch grows with W (weak scaling)."""
+        return self.batch_size // self.world_size if self.batch_scaling == "global" else self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-ready: trick values sit beside the other fields, as in the YAML."""
@@ -98,9 +116,10 @@ RANGES: dict[str, tuple[float, float]] = {  # inclusive bounds of numeric fields
     "eval_batch_size": (1, float("inf")), "lr_warmup_steps": (0, float("inf")), "num_workers": (0, 64), "image_size": (8, 4096),
     "num_classes": (2, 100_000), "num_samples": (1, float("inf")), "warmup_steps": (0, 10_000),
     "time_limit_s": (1, float("inf")), "memory_limit_mb": (1, float("inf")), "target_accuracy": (0, 1), "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1),
+    "nnodes": (1, 100_000),
 }
 CHOICES: dict[str, list[str]] = {
-    "name": OPTIMIZERS, "lr_schedule": list(SCHEDULES), "device": DEVICES,
+    "name": OPTIMIZERS, "lr_schedule": list(SCHEDULES), "device": DEVICES, "batch_scaling": BATCH_SCALINGS,
 }
 
 
@@ -188,6 +207,12 @@ def build_train_config(data: dict[str, Any], file: str, where: str = "") -> Trai
                           f"{did_you_mean(config.dataset, DATASETS.names())}; allowed: {', '.join(DATASETS.names())}")
     if (config.epochs is None) == (config.steps is None):
         raise ConfigError(file, where or "base", "give exactly one of epochs or steps")
+    launcher = config.launcher
+    if launcher.nnodes > 1 and not (launcher.rdzv_endpoint and launcher.rdzv_id):
+        raise ConfigError(file, prefix + "launcher", f"nnodes {launcher.nnodes} needs rdzv_endpoint (host:port "
+                          "of the rendezvous) and rdzv_id")
+    if launcher.rdzv_endpoint is not None and not launcher.rdzv_endpoint.rpartition(":")[2].isdigit():
+        raise ConfigError(file, prefix + "launcher.rdzv_endpoint", f"{launcher.rdzv_endpoint!r} is not host:port")
     if config.lr_schedule == "onecycle" and config.lr_warmup_steps:
         raise ConfigError(file, prefix + "lr_warmup_steps", "must be 0 with lr_schedule onecycle, "
                           "which has its own warmup (the first 30% of steps)")

@@ -18,11 +18,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.config import SCHEMA_VERSION, Cell, Matrix
+from bench.config import SCHEMA_VERSION, Cell, Matrix, TrainConfig
+from bench.distributed import threads_per_rank
 from bench.results import CSV_FILE, ROWS_FILE, append_row, end_torn_row, read_rows, write_csv
 
 
 WORKER = [sys.executable, "-m", "bench.worker"]  # + the job file
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, for world_size > 1
+STOP_GRACE_S = 40  # for torchrun to stop its ranks: SIGTERM, then SIGKILL after its own 30 s
 
 
 class OutputBusy(Exception):
@@ -57,8 +60,39 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def worker_command(config: TrainConfig, job_path: Path, run_id: str) -> tuple[list[str], dict[str, str] | None]:
+    """(command, environment) of one run: the worker alone, or under torchrun once per rank."""
+    if config.world_size == 1:
+        return [*WORKER, str(job_path)], None
+    launcher = config.launcher
+    per_node = config.world_size // launcher.nnodes
+    if launcher.nnodes == 1:
+        where = ["--standalone"]  # rendezvous on this machine, on a free port
+    else:  # every node runs this same command; the id must differ between runs, not between nodes
+        where = ["--nnodes", str(launcher.nnodes), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", launcher.rdzv_endpoint, "--rdzv-id", f"{launcher.rdzv_id}-{run_id}"]
+    command = [*LAUNCHER, *where, "--nproc-per-node", str(per_node), "-m", "bench.worker", str(job_path)]
+    # Each rank gets its share of the cores (torchrun would otherwise set 1 thread per rank).
+    return command, {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(per_node))}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a child and everything it started.
+
+    SIGTERM first: torchrun answers it by stopping its ranks, which it starts in sessions of their
+    own where killpg cannot reach them. Then SIGKILL to whatever is left of the child's group.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_GRACE_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> dict[str, Any]:
-    """Train one (cell, seed) in a fresh interpreter; always returns a row."""
+    """Train one (cell, seed) in a fresh interpreter (one per rank); always returns a row."""
     row_path = work_dir / f"{cell.cell_id}-{seed}.row.json"
     job = {"matrix": matrix.name, "cell_id": cell.cell_id, "seed": seed, "axes": cell.axes,
            "config": cell.config.to_dict(), "row_path": str(row_path)}
@@ -66,21 +100,27 @@ def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> dict[
     job_path.write_text(json.dumps(job))
     limit = cell.config.time_limit_s
     started = time.monotonic()
+    command, env = worker_command(cell.config, job_path, f"{cell.cell_id}-{seed}")
     # Own process group, so a timeout kills the child and anything it started.
-    proc = subprocess.Popen([*WORKER, str(job_path)], start_new_session=True)
+    proc = subprocess.Popen(command, start_new_session=True, env=env)
     try:
         code = proc.wait(timeout=limit)
         failure = None if code == 0 else _describe_exit(code)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
         failure = ("timeout", f"exceeded time_limit_s={limit:g}")
     except BaseException:  # Ctrl-C or a kill of the parent: take the child down too
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         raise
-    if failure is None and row_path.exists():
-        return json.loads(row_path.read_text())
+    # Rank 0's row, then those of other ranks that failed: a rank's own account of its failure
+    # says more than the exit code of the launcher that stopped the others.
+    rows = [json.loads(p.read_text()) for p in [row_path, *sorted(work_dir.glob(f"{row_path.name}.rank*"))]
+            if p.exists()]
+    failed_rows = [r for r in rows if r["status"] != "ok"]
+    if failed_rows:
+        return failed_rows[0]
+    if failure is None and rows:
+        return rows[0]
     status, error = failure or ("error", "child exited without writing a row")
     return {"schema_version": SCHEMA_VERSION, "matrix": matrix.name, "cell_id": cell.cell_id, "seed": seed,
             "axes": cell.axes, "config": cell.config.to_dict(), "status": status, "error": error,

@@ -1,11 +1,12 @@
 """The contract between the training loop and the tricks.
 
 A trick is one small class registered by name. Its YAML value (e.g. ``ema: 0.999``) is parsed
-once at the config boundary; an instance is built per run with that value. The loop calls six
+once at the config boundary; an instance is built per run with that value. The loop calls these
 hooks, each a no-op by default, in a fixed order:
 
-    prepare_model     -> change the model once before training (checkpointing, ...)
+    prepare_model     -> change the model once before training (checkpointing, DDP wrapper, ...)
     split_batch       -> turn one global batch into micro-batches (accumulation)
+    sync_context      -> a context around forward+backward of each micro-batch (DDP no_sync)
     forward_context   -> a context around every forward pass (autocast)
     scale_loss        -> the loss that is back-propagated (GradScaler)
     wrap_step         -> change how gradients are computed and applied (SAM, GradScaler.step)
@@ -43,6 +44,8 @@ class RunContext:
     """What a trick may know about the run it is part of."""
 
     device: torch.device
+    # The model as the loop calls it: after prepare_model, so possibly a DDP wrapper. A trick that
+    # copies or inspects the weights takes ``bench.distributed.unwrap(run.model)``.
     model: nn.Module
     optimizer: torch.optim.Optimizer
     config: Any  # bench.config.TrainConfig; typed loosely to keep this module import-free
@@ -83,6 +86,10 @@ class Trick:
 
     def split_batch(self, batch: Batch) -> list[Batch]:
         return [batch]
+
+    def sync_context(self, is_last: bool) -> ContextManager[Any]:
+        """Entered around forward and backward of one micro-batch; ``is_last``: the step's last one."""
+        return contextlib.nullcontext()
 
     def forward_context(self) -> ContextManager[Any]:
         return contextlib.nullcontext()

@@ -1,6 +1,8 @@
 """The training loop: the only code that knows the order of things.
 
-One run = one (cell, seed), in its own process. Steps are optimizer steps. The first
+One run = one (cell, seed), in its own process (one per rank with world_size > 1: the same loop
+runs on every rank, and ``bench.distributed`` makes its few collectives no-ops in one process).
+Steps are optimizer steps. The first
 ``warmup_steps`` are untimed (allocator, autotuning, lazy init); the next step runs once under
 memory/FLOP tracking; the rest are timed. Evaluation runs between epochs, outside timing.
 """
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from bench import distributed
 from bench.config import TrainConfig
 from bench.data import build_dataset
 from bench.measure import StepClock, measure_step_memory, peak_rss_bytes, peak_tflops, synchronize
@@ -64,16 +67,19 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[T
     def compute_grads() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=batch[0].device)
-        for inputs, targets in micro_batches:
-            with contextlib.ExitStack() as stack:
+        for i, (inputs, targets) in enumerate(micro_batches):
+            with contextlib.ExitStack() as sync:
                 for trick in tricks:
-                    stack.enter_context(trick.forward_context())
-                # Mean loss per micro-batch / their count = the mean over the whole batch.
-                loss = F.cross_entropy(model(inputs), targets) / len(micro_batches)
-            total += loss.detach().float()
-            for trick in tricks:
-                loss = trick.scale_loss(loss)
-            loss.backward()
+                    sync.enter_context(trick.sync_context(is_last=i == len(micro_batches) - 1))
+                with contextlib.ExitStack() as stack:
+                    for trick in tricks:
+                        stack.enter_context(trick.forward_context())
+                    # Mean loss per micro-batch / their count = the mean over the whole batch.
+                    loss = F.cross_entropy(model(inputs), targets) / len(micro_batches)
+                total += loss.detach().float()
+                for trick in tricks:
+                    loss = trick.scale_loss(loss)
+                loss.backward()
         return total
 
     step = StepFns(compute_grads, optimizer.step)
@@ -119,6 +125,7 @@ def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[
     """(epoch, batch) forever, reshuffling each epoch."""
     epoch = 0
     while True:
+        loader.sampler.set_epoch(epoch)  # the epoch's permutation, the same on every rank
         for inputs, targets in loader:
             yield epoch, (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
         epoch += 1
@@ -128,23 +135,29 @@ def train(config: TrainConfig, seed: int, device: torch.device,
           on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     """Train one run and return its metrics (the measured part of a results row)."""
     started = time.perf_counter()
-    seed_everything(seed)
+    # Per rank, so ranks draw different augmentations and dropout masks; the initial weights are
+    # rank 0's on every rank (DDP broadcasts them), the data order comes from the sampler's seed.
+    seed_everything(seed + distributed.rank())
     torch.use_deterministic_algorithms(config.deterministic)
     splits = build_dataset(config)
     tricks = build_tricks(config)
-    model = build_model(config.model, splits.num_classes)
+    model = build_model(config.model, splits.num_classes).to(device)  # on its device before a DDP wrap
     for trick in tricks:
         model = trick.prepare_model(model)
-    model.to(device).train()
+    model.train()
     optimizer = build_optimizer(config, model)
     for trick in tricks:
         trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
 
-    loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(seed))
+    # Each rank reads its 1/W of every epoch's permutation (all of it in one process); the first
+    # global batch of W ranks is then the first batch of one process, as sets of samples.
+    sampler = DistributedSampler(splits.train, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, sampler=sampler, drop_last=True,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(splits.train)} training samples")
+        raise ValueError(f"per-rank batch size {config.per_rank_batch_size} exceeds the {len(sampler)} training "
+                         f"samples of each of {distributed.world_size()} ranks")
     total_steps = config.steps or config.epochs * len(loader)
     memory_step = config.warmup_steps  # the step measured under tracking
     if total_steps < memory_step + 2:
@@ -169,10 +182,12 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     batches = endless_batches(loader, device)
     epoch_of_step = 0
 
+    # Windows open and close at a barrier: the wall time of a window is then the slowest rank's.
     def close_window() -> None:
         nonlocal timed_wall_s, window_start
         if window_start is not None:
             synchronize(device)
+            distributed.barrier()
             clock.collect()
             timed_wall_s += time.perf_counter() - window_start
             window_start = None
@@ -183,12 +198,14 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         check_finite(losses)
         losses_this = torch.stack(losses[-len(loader):]).float()
         # train_time_s: time spent training so far, evaluation excluded (for time-to-target).
-        point = {"epoch": epoch + 1, "step": step, "train_loss": losses_this.mean().item(),
+        point = {"epoch": epoch + 1, "step": step, "train_loss": distributed.mean(losses_this.mean().item()),
                  "train_time_s": time.perf_counter() - started - eval_s}
         if splits.accuracy_meaningful:
             eval_started = time.perf_counter()
-            point.update({f"accuracy_{k}": v for k, v in evaluate(eval_model, eval_loader, device, tricks,
-                                                                   splits.num_classes).items()})
+            # Once, on the whole test split, by rank 0; the other ranks wait for its result.
+            point.update(distributed.on_rank0(lambda: {
+                f"accuracy_{k}": v for k, v in evaluate(eval_model, eval_loader, device, tricks,
+                                                        splits.num_classes).items()}))
             eval_s += time.perf_counter() - eval_started
         curve.append(point)
 
@@ -200,6 +217,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     def open_window() -> None:
         nonlocal window_start
         synchronize(device)
+        distributed.barrier()
         window_start = time.perf_counter()
 
     for step in range(total_steps):
@@ -246,7 +264,12 @@ def train(config: TrainConfig, seed: int, device: torch.device,
 
     durations_ms = [d * 1e3 for d in clock.durations_s]
     timed_steps = len(durations_ms)
-    samples = timed_steps * config.per_rank_batch_size
+    samples = timed_steps * config.per_rank_batch_size * distributed.world_size()  # global
+    data_stall_fraction = data_wait_s / timed_wall_s
+    timed_wall_s = max(distributed.gather(timed_wall_s))  # the slowest rank's
+    peaks = distributed.gather(memory.peak_memory_bytes)
+    every_rank_cuda_peaks = distributed.gather(cuda_peaks)
+    cuda_peaks = {k: max(p[k] for p in every_rank_cuda_peaks) for k in cuda_peaks}
     q = statistics.quantiles(durations_ms, n=10) if timed_steps >= 2 else [durations_ms[0]] * 9
     compute_s = sum(clock.durations_s)
     achieved_tflops = memory.flops_per_step / (compute_s / timed_steps) / 1e12
@@ -262,9 +285,11 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         "step_time_ms_p10": q[0],
         "step_time_ms_p90": q[8],
         "step_times_ms": [round(d, 4) for d in durations_ms],
-        "data_stall_fraction": data_wait_s / timed_wall_s,
+        "data_stall_fraction": data_stall_fraction,
         "warmup_time_s": warmup_time_s,
-        "peak_memory_bytes": memory.peak_memory_bytes,
+        "world_size": distributed.world_size(),
+        "peak_memory_bytes": max(peaks),  # the largest rank's: what each device must hold
+        "peak_memory_bytes_per_rank": peaks,
         "memory_breakdown": memory.breakdown,
         "flops_per_step": memory.flops_per_step,
         "achieved_tflops": achieved_tflops,
@@ -274,7 +299,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         "peak_rss_bytes": peak_rss_bytes(),
         "accuracy_top1": final.get("accuracy_top1"),
         "accuracy_top5": final.get("accuracy_top5"),
-        "final_train_loss": tail.mean().item(),
+        "final_train_loss": distributed.mean(tail.mean().item()),
         "time_to_target_s": reached[0] if reached else None,
         "curve": curve,
         "wall_time_s": time.perf_counter() - started,

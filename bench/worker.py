@@ -3,6 +3,10 @@
 Everything a run can do to a process (allocator state, autotuning, compile caches, a crash)
 stays in this process. Failures are caught here and written as rows with a status; a death
 without a row is recorded by the parent.
+
+With world_size > 1 torchrun starts this once per rank. Rank 0 (on each node: local rank 0)
+writes the row; another rank that fails writes its own row beside it (``row_path.rankR``) and
+exits non-zero, so that torchrun stops the ranks still waiting for it in a collective.
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from bench import distributed
 from bench.config import SCHEMA_VERSION, TrainConfig
 from bench.measure import environment
 from bench.train import Diverged, train
@@ -66,24 +71,46 @@ def limit_memory(extra_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
+def injected_fault() -> Callable[[int], None]:
+    """Test-only fault injection, for tests/test_ddp.py: TRICKBENCH_FAULT=raise@R (or hang@R)
+    makes rank R raise (or hang) after its first step. Unset, as in every real run: a no-op."""
+    kind, _, at = os.environ.get("TRICKBENCH_FAULT", "").partition("@")
+    if not kind or int(at) != distributed.rank():
+        return lambda step: None
+
+    def fault(step: int) -> None:
+        if kind == "hang":
+            time.sleep(24 * 3600)
+        raise RuntimeError(f"injected fault on rank {distributed.rank()} after step {step} (TRICKBENCH_FAULT)")
+
+    return fault
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     config = TrainConfig.from_dict(job["config"], file="<job>")
-    device = torch.device(config.device)
+    device = distributed.rank_device(config.device)
     row: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "matrix": job["matrix"], "cell_id": job["cell_id"],
         "seed": job["seed"], "axes": job["axes"], "config": job["config"],
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     progress = StepProgress()
+    fault = injected_fault()
+
+    def on_progress(done: int, total: int) -> None:
+        progress(done, total)
+        fault(done)
+
     try:
         if config.memory_limit_mb is not None and device.type == "cpu":
             limit_memory(config.memory_limit_mb)
-        metrics = train(config, job["seed"], device, on_progress=progress)
+        metrics = train(config, job["seed"], device, on_progress=on_progress)
         row.update(status="ok", error=None, failed_at_step=None, **metrics)
     except Exception as error:  # noqa: BLE001 - every failure becomes data
         last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         step = error.step if isinstance(error, Diverged) else progress.step
-        row.update(status=classify(error), error=f"{type(error).__name__}: {last_line}", failed_at_step=step)
+        where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+        row.update(status=classify(error), error=f"{where}{type(error).__name__}: {last_line}", failed_at_step=step)
     row["env"] = environment(device)
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return row
@@ -94,11 +121,19 @@ def main(argv: list[str]) -> int:
     job = json.loads(job_path.read_text())
     if job["config"].get("deterministic"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at init
-    row = run_job(job)
-    out = Path(job["row_path"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, default=str))
-    tmp.replace(out)  # atomic: the parent sees a whole row or none
+    with distributed.process_group(distributed.rank_device(job["config"]["device"])):
+        row = run_job(job)
+        failed = row["status"] != "ok"
+        out = Path(job["row_path"])
+        if distributed.local_rank() != 0:
+            if not failed:
+                return 0
+            out = out.with_name(f"{out.name}.rank{distributed.rank()}")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(row, default=str))
+        tmp.replace(out)  # atomic: the parent sees a whole row or none
+        if failed and distributed.world_size() > 1:
+            raise SystemExit(1)  # skips the group's teardown; torchrun stops the other ranks
     return 0
 
 

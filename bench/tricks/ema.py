@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bench.distributed import unwrap
 from bench.spec import RunContext, Trick
 from bench.tricks import register
 
@@ -35,9 +36,11 @@ class EMA(Trick):
         return float(value)
 
     def setup(self, run: RunContext) -> None:
-        self.model = run.model
+        # The plain module, not a DDP wrapper: AveragedModel deep-copies it. Under DDP every rank
+        # holds the same weights after each step, so every rank's average is the same too.
+        self.model = unwrap(run.model)
         self.averaged = AveragedModel(
-            run.model, multi_avg_fn=get_ema_multi_avg_fn(self.value), use_buffers=True
+            self.model, multi_avg_fn=get_ema_multi_avg_fn(self.value), use_buffers=True
         )
 
     @torch.no_grad()

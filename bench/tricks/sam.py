@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bench.batchnorm import frozen_running_stats
+from bench.distributed import no_grad_sync
 from bench.spec import RunContext, StepFns, Trick
 from bench.tricks import register
 
@@ -58,19 +59,26 @@ class SAM(Trick):
         state: dict[str, list[torch.Tensor]] = {}
 
         def compute_grads() -> torch.Tensor:
-            loss = step.compute_grads()
+            # Under DDP the first gradient stays on each rank, so each rank perturbs with the
+            # gradient of its own share of the batch (as in the SAM paper); the second is averaged.
+            with no_grad_sync(self.model):
+                loss = step.compute_grads()
             live = [p for p in params if p.grad is not None]
             offsets = sam_perturbation(live, self.value)
             with torch.no_grad():
+                # Restored by copy, not by subtracting the offset again: bit-exact, so ranks that
+                # perturbed differently get identical weights back.
+                state["live"], state["saved"] = live, [p.detach().clone() for p in live]
                 torch._foreach_add_(live, offsets)
-            state["live"], state["offsets"] = live, offsets
+            del offsets  # freed before the second pass: only the saved weights stay alive
             with frozen_running_stats(self.model):
                 step.compute_grads()  # replaces the gradient with the one at w + e(w)
             return loss  # the loss at the unperturbed weights, as reported without SAM
 
         def apply_update() -> None:
             with torch.no_grad():
-                torch._foreach_sub_(state["live"], state["offsets"])
+                torch._foreach_copy_(state["live"], state["saved"])
+            state.clear()
             step.apply_update()
 
         return StepFns(compute_grads, apply_update)
