@@ -8,16 +8,19 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python
 "$PY" -c "import bench" 2>/dev/null || bash .ci/setup  # first run on a fresh machine: install
 
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  profile_args=(); echo "CUDA device found: running the full matrices"
-else
-  profile_args=(--profile cpu); echo "no CUDA device: running each matrix's cpu profile"
-fi
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+profile_for() {  # the profile that fits this machine, for one matrix file
+  if [ "$gpus" -eq 0 ]; then echo cpu
+  elif [ "$gpus" -eq 1 ] && grep -q '^  gpu1:' "$1"; then echo gpu1  # world_size > 1 needs more GPUs
+  fi
+}
+echo "CUDA devices: $gpus"
 
 status=0
 for matrix in ablations/*.yaml; do
-  echo "== $matrix"
-  "$PY" -m bench run "$matrix" "${profile_args[@]}" || status=$?
+  profile=$(profile_for "$matrix")
+  echo "== $matrix ${profile:+(profile $profile)}"
+  "$PY" -m bench run "$matrix" ${profile:+--profile "$profile"} || status=$?
 done
 
 for dir in results/*/; do

@@ -145,6 +145,20 @@ def factorial_section(stats: list[Row]) -> list[str]:
     return lines
 
 
+def scaling_section(stats: list[Row]) -> list[str]:
+    """Data-parallel scaling: each world_size > 1 cell beside the world_size 1 cell of equal config."""
+    scaled = [s for s in stats if math.isfinite(s["scaling_efficiency"])]
+    if not scaled:
+        return []
+    table = [[s["label"], s["world_size"], fmt_ci(s["throughput"]), fmt(s["scaling_efficiency"], 2), fmt(s["peak_mib"])]
+             for s in sorted(scaled, key=lambda s: s["world_size"])]
+    return ["### Scaling", "", "Scaling efficiency = throughput ÷ (world size × the throughput of the world_size 1 "
+            "cell with otherwise equal config); 1.00 = linear. Throughput counts the samples of all ranks; peak "
+            "memory is the largest rank's.", "",
+            md_table(["cell", "world size", "throughput (samples/s)", "scaling efficiency",
+                      "peak memory per rank (MiB)"], table), ""]
+
+
 def unstable_note(stats: list[Row], limit: float = 0.25) -> list[str]:
     """A visible note when seeds of one cell disagree wildly on throughput.
 
@@ -228,6 +242,7 @@ def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: 
     lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, "",
               *unstable_note(stats)]
     lines += one_at_a_time_section(stats) if design == "one_at_a_time" else factorial_section(stats)
+    lines += scaling_section(stats)
     labels = {s["cell_id"]: s["label"] for s in stats}
     lines += ["## Failed runs", "", *failures_section(rows, labels), "", "## Figures", ""]
     lines += [f"![{name}](figures/{name})" for name in figures] + [""] + [f"- {note}" for note in notes]

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from bench.config import SCHEMA_VERSION, Cell, Matrix, TrainConfig
 from bench.distributed import threads_per_rank
 from bench.results import CSV_FILE, ROWS_FILE, append_row, end_torn_row, read_rows, write_csv
+from bench.stats import scaling_efficiency
 
 
 WORKER = [sys.executable, "-m", "bench.worker"]  # + the job file
@@ -112,10 +113,9 @@ def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> dict[
     except BaseException:  # Ctrl-C or a kill of the parent: take the child down too
         stop(proc)
         raise
-    # Rank 0's row, then those of other ranks that failed: a rank's own account of its failure
-    # says more than the exit code of the launcher that stopped the others.
-    rows = [json.loads(p.read_text()) for p in [row_path, *sorted(work_dir.glob(f"{row_path.name}.rank*"))]
-            if p.exists()]
+    rows = rows_written(row_path)
+    # The first rank to fail names the cause (those after it mostly report a peer that went away),
+    # and says more than the exit code of the launcher that stopped the others.
     failed_rows = [r for r in rows if r["status"] != "ok"]
     if failed_rows:
         return failed_rows[0]
@@ -125,6 +125,14 @@ def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> dict[
     return {"schema_version": SCHEMA_VERSION, "matrix": matrix.name, "cell_id": cell.cell_id, "seed": seed,
             "axes": cell.axes, "config": cell.config.to_dict(), "status": status, "error": error,
             "failed_at_step": None, "wall_time_s": time.monotonic() - started}
+
+
+def rows_written(row_path: Path) -> list[dict[str, Any]]:
+    """The rows written for one run, oldest first: rank 0's and those of other ranks that failed
+    (``row_path.rankR``). A rank writes its row before it exits, so before any failure it causes."""
+    paths = [p for p in [row_path, *row_path.parent.glob(f"{row_path.name}.rank*")]
+             if p.exists() and p.suffix != ".tmp"]
+    return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: p.stat().st_mtime_ns)]
 
 
 def _describe_exit(code: int) -> tuple[str, str]:
@@ -165,5 +173,11 @@ def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False) -> list[dict[
                               + ("-" if accuracy is None else f"{accuracy:.3f}"))
                 print(f"      {row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
                       f" | ETA {_format_duration(eta)}", flush=True)
-        write_csv(read_rows(rows_path, warn=False), out_dir / CSV_FILE)
+        rows = read_rows(rows_path, warn=False)
+        write_csv(rows, out_dir / CSV_FILE)
+    efficiencies = scaling_efficiency(rows)
+    for cell in matrix.cells:
+        world, efficiency = efficiencies.get(cell.cell_id, (1, None))
+        if world > 1:
+            print(f"scaling efficiency {efficiency:.2f} (throughput / {world} x world_size 1's): {cell.label()}")
     return written

@@ -5,13 +5,13 @@ once at the config boundary; an instance is built per run with that value. The l
 hooks, each a no-op by default, in a fixed order:
 
     prepare_model     -> change the model once before training (checkpointing, DDP wrapper, ...)
-    split_batch       -> turn one global batch into micro-batches (accumulation)
+    split_batch       -> turn one (per-rank) batch into micro-batches (accumulation)
     sync_context      -> a context around forward+backward of each micro-batch (DDP no_sync)
     forward_context   -> a context around every forward pass (autocast)
     scale_loss        -> the loss that is back-propagated (GradScaler)
     wrap_step         -> change how gradients are computed and applied (SAM, GradScaler.step)
     after_step        -> bookkeeping after each optimizer step (EMA)
-    eval_model        -> the model to evaluate (EMA weights)
+    eval_model        -> the model to evaluate (EMA weights, the module inside DDP)
 
 Interactions that cannot work are declared in ``check`` and rejected before anything runs.
 """

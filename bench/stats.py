@@ -208,9 +208,34 @@ def cell_stats(cell: Row, base: Row) -> Row:
 
 
 def all_cell_stats(rows: list[Row]) -> list[Row]:
-    """:func:`cell_stats` of every cell, baseline first."""
+    """:func:`cell_stats` of every cell, baseline first, with its :func:`scaling_efficiency`."""
     cells = group_cells(rows)
-    return [cell_stats(cell, cells[0]) for cell in cells]
+    scaling = scaling_efficiency(rows)
+    return [{**cell_stats(cell, cells[0]), "world_size": scaling.get(cell["cell_id"], (math.nan,) * 2)[0],
+             "scaling_efficiency": scaling.get(cell["cell_id"], (math.nan,) * 2)[1]} for cell in cells]
+
+
+def scaling_efficiency(rows: list[Row]) -> dict[str, tuple[int, float]]:
+    """cell_id → (world size W, throughput(W) / (W × throughput(1))) of each cell whose config equals,
+    world_size apart, that of a world_size 1 cell among the rows (which itself gets 1.0).
+
+    Throughputs are means over the ok seeds. 1.0 = linear scaling; under ``batch_scaling: global``
+    each rank also gets 1/W of the batch, so this mixes communication cost with the cost of
+    smaller per-rank batches.
+    """
+    throughputs: dict[str, list[float | None]] = {}
+    world: dict[str, int] = {}
+    others: dict[str, str] = {}  # cell_id → its config minus world_size, as JSON text
+    for row in rows:
+        config = row.get("config") or {}
+        world[row["cell_id"]] = config.get("world_size", 1)
+        others[row["cell_id"]] = axis_key({k: v for k, v in config.items() if k != "world_size"})
+        if row.get("status") == "ok":
+            throughputs.setdefault(row["cell_id"], []).append(row.get("throughput_samples_per_s"))
+    single = {others[c]: mean_or_nan(throughputs.get(c, [])) for c, w in world.items() if w == 1}
+    scaled = {others[c] for c, w in world.items() if w > 1}
+    return {c: (w, mean_or_nan(throughputs.get(c, [])) / (w * single[others[c]]))
+            for c, w in world.items() if others[c] in single and others[c] in scaled}
 
 
 def scalar(s: Row, field: str) -> float:

@@ -149,8 +149,8 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     for trick in tricks:
         trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
 
-    # Each rank reads its 1/W of every epoch's permutation (all of it in one process); the first
-    # global batch of W ranks is then the first batch of one process, as sets of samples.
+    # Each rank reads its 1/W of every epoch's permutation (all of it in one process). With
+    # batch_scaling global, W ranks then train on the batches of one process, as sets of samples.
     sampler = DistributedSampler(splits.train, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                  shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, sampler=sampler, drop_last=True,

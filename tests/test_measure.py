@@ -12,7 +12,7 @@ from bench.tricks.precision import Precision
 from bench.tricks.sam import SAM
 
 
-def measure(model_name="resnet18_cifar", tricks=(), batch=8, size=32):
+def measure(model_name="resnet18_cifar", tricks=(), batch=16, size=32):
     """Memory report of one training step (after one untracked warm-up step)."""
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10)
@@ -61,8 +61,9 @@ def test_checkpointing_counts_more_forward_flops(baseline):
 
 def test_bf16_lowers_activation_bytes(baseline):
     report, _, _ = measure(tricks=[Precision("bf16")])
-    # Not halved on CPU: autocast runs BatchNorm in fp32, so BN inputs stay fp32 while
-    # convolution inputs are saved in bf16.
+    # Not halved: autocast's bf16 copies of the weights (22 MiB for ResNet-18) are alive at the
+    # end of the forward, and on CPU BatchNorm runs in fp32. Hence a batch large enough for
+    # activations to dominate.
     assert report.breakdown["activations"] < 0.9 * baseline[0].breakdown["activations"]
 
 

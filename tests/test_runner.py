@@ -134,8 +134,8 @@ def test_second_writer_stops_at_once(write_matrix, tmp_path, capsys):
 @pytest.mark.parametrize("yaml_text,fragment", [
     ("name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1}\naxes: {precision: [fp32, bf17]}",
      "axes.precision[1]: 'bf17' is not one of fp32, tf32, fp16, bf16 (did you mean 'bf16'?)"),
-    ("name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1}\naxes: {world_size: [1, 2]}",
-     "axes.world_size[1]: 2 is not supported"),
+    ("name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1}\naxes: {world_size: [1, 3]}",
+     "axes (world_size=3): world_size 3 does not divide the global batch size 128"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, yaml_text, fragment):
     path = tmp_path / "bad.yaml"

@@ -21,9 +21,9 @@ SMOKE_VALUES: dict[str, list] = {
     "precision": ["bf16", "fp16"],
     "sam": [0.05],
     "ema": [0.9],
-    "world_size": [],  # only 1 (the default) is accepted until DDP exists
+    "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
 }
-SKIPPED = {"world_size": "world_size only accepts 1 (DDP is not built yet): no non-default value to run"}
+SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
 MISSING = object()
 
 
