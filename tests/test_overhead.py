@@ -57,3 +57,41 @@ def test_harness_step(benchmark):
         losses.append(loss)
 
     benchmark.pedantic(step, rounds=60, warmup_rounds=5)
+
+
+@pytest.mark.benchmark(group="step overhead, interleaved")
+def test_interleaved_harness_over_plain(benchmark):
+    """Both steps alternate, so drift of a shared machine hits them equally; the ratio of
+    medians lands in ``extra_info`` (shown with --benchmark-json)."""
+    import statistics
+    import time
+
+    plain_model, plain_opt = fresh()
+    model, optimizer = fresh()
+    config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": 10}, "bench")
+    tricks = build_tricks(config)
+    for trick in tricks:
+        trick.setup(RunContext(torch.device("cpu"), model, optimizer, config))
+    inputs, targets = BATCH
+
+    def plain():
+        plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(plain_model(inputs), targets).backward()
+        plain_opt.step()
+
+    def harness():
+        run_step(model, optimizer, tricks, BATCH)
+
+    def both(rounds=100):
+        times = {plain: [], harness: []}
+        for i in range(rounds):
+            for step in (plain, harness) if i % 2 else (harness, plain):
+                started = time.perf_counter()
+                step()
+                times[step].append(time.perf_counter() - started)
+        return statistics.median(times[harness]) / statistics.median(times[plain])
+
+    both(10)  # warm-up
+    ratio = benchmark.pedantic(both, rounds=3, iterations=1)
+    benchmark.extra_info["harness_over_plain_median_ratio"] = ratio
+    print(f"harness / plain median step time: {ratio:.4f}")
