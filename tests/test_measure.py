@@ -81,3 +81,13 @@ def test_sam_counts_twice_the_flops(baseline):
 def test_tensor_bytes_of_mixed_dtypes():
     tensors = [torch.zeros(3, dtype=torch.float32), torch.zeros(5, dtype=torch.bfloat16)]
     assert tensor_bytes(iter(tensors)) == 3 * 4 + 5 * 2
+
+
+def test_measured_peak_never_uses_an_emulated_dtype_slower_than_fp32(monkeypatch):
+    from bench import measure
+
+    fake = {torch.float32: 1.0, torch.bfloat16: 0.1}  # a CPU that emulates bf16
+    monkeypatch.setattr(measure, "measured_matmul_tflops", lambda device, dtype, size: fake[dtype])
+    assert measure.peak_tflops(torch.device("cpu"), "bf16") == (1.0, "measured 256^2 matmul fp32")
+    fake[torch.bfloat16] = 3.0  # native bf16 units: the bf16 peak is the reference
+    assert measure.peak_tflops(torch.device("cpu"), "bf16") == (3.0, "measured 256^2 matmul bf16")
