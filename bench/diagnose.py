@@ -12,12 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bench.config import Matrix, TrainConfig, load_matrix
-from bench.data import build_dataset
 from bench.figures import _pyplot, _save
-from bench.models import build_model
 from bench.schedules import SCHEDULES, lr_trace
-from bench.spec import RunContext
-from bench.train import build_optimizer, build_tricks, make_step, seed_everything
+from bench.train import make_step, prepare_run
 
 
 def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path) -> Path:
@@ -45,16 +42,7 @@ def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path
 def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, Any]]:
     """Mean and max |grad| of every weight (conv/linear, ndim > 1) at the last of ``steps`` steps."""
     device = torch.device(config.device)
-    seed_everything(seed)
-    splits = build_dataset(config)
-    tricks = build_tricks(config)
-    model = build_model(config.model, splits.num_classes)
-    for trick in tricks:
-        model = trick.prepare_model(model)
-    model.to(device).train()
-    optimizer = build_optimizer(config, model)
-    for trick in tricks:
-        trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
+    splits, model, optimizer, tricks = prepare_run(config, seed, device)
     loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     layers: list[dict[str, Any]] = []

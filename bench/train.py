@@ -131,10 +131,8 @@ def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[
         epoch += 1
 
 
-def train(config: TrainConfig, seed: int, device: torch.device,
-          on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
-    """Train one run and return its metrics (the measured part of a results row)."""
-    started = time.perf_counter()
+def prepare_run(config: TrainConfig, seed: int, device: torch.device):
+    """Seeded dataset, model, optimizer and set-up tricks of one run, in the order tricks expect."""
     # Per rank, so ranks draw different augmentations and dropout masks; the initial weights are
     # rank 0's on every rank (DDP broadcasts them), the data order comes from the sampler's seed.
     seed_everything(seed + distributed.rank())
@@ -148,6 +146,14 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     optimizer = build_optimizer(config, model)
     for trick in tricks:
         trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
+    return splits, model, optimizer, tricks
+
+
+def train(config: TrainConfig, seed: int, device: torch.device,
+          on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
+    """Train one run and return its metrics (the measured part of a results row)."""
+    started = time.perf_counter()
+    splits, model, optimizer, tricks = prepare_run(config, seed, device)
 
     # Each rank reads its 1/W of every epoch's permutation (all of it in one process). With
     # batch_scaling global, W ranks then train on the batches of one process, as sets of samples.
