@@ -281,7 +281,9 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     achieved_tflops = memory.flops_per_step / (compute_s / timed_steps) / 1e12
     peak, peak_source = peak_tflops(device, config.tricks["precision"])
     final = curve[-1]
-    reached = [p["train_time_s"] for p in curve if (p.get("accuracy_top1") or 0) >= (config.target_accuracy or 2)]
+    target = config.target_accuracy
+    reached = [] if target is None else [
+        p["train_time_s"] for p in curve if p.get("accuracy_top1") is not None and p["accuracy_top1"] >= target]
     tail = torch.stack(losses[-min(10, len(losses)):]).float()
     metrics: dict[str, Any] = {
         "steps": total_steps,

@@ -104,3 +104,19 @@ def test_same_seed_same_run():
 
     other = train(config, seed=1, device=CPU)  # the seed matters, so equality above means something
     assert other["final_train_loss"] != runs[0]["final_train_loss"]
+
+
+def test_time_to_target_is_the_first_epoch_reaching_it():
+    import torch
+
+    from bench.config import build_train_config
+    from bench.train import train
+
+    base = {"model": "tiny_cnn", "dataset": "digits", "image_size": 8, "batch_size": 512, "epochs": 2,
+            "warmup_steps": 1}
+    reached = train(build_train_config({**base, "target_accuracy": 0.0}, "t"), 0, torch.device("cpu"))
+    assert reached["time_to_target_s"] == reached["curve"][0]["train_time_s"]
+    never = train(build_train_config({**base, "target_accuracy": 1.0}, "t"), 0, torch.device("cpu"))
+    assert never["time_to_target_s"] is None or never["accuracy_top1"] == 1.0
+    unset = train(build_train_config(base, "t"), 0, torch.device("cpu"))
+    assert unset["time_to_target_s"] is None

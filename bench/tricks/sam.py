@@ -53,9 +53,9 @@ class SAM(Trick):
 
     def setup(self, run: RunContext) -> None:
         self.model = run.model
+        self.params = [p for p in run.model.parameters() if p.requires_grad]  # once, not per step
 
     def wrap_step(self, step: StepFns) -> StepFns:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         state: dict[str, list[torch.Tensor]] = {}
 
         def compute_grads() -> torch.Tensor:
@@ -63,7 +63,7 @@ class SAM(Trick):
             # gradient of its own share of the batch (as in the SAM paper); the second is averaged.
             with no_grad_sync(self.model):
                 loss = step.compute_grads()
-            live = [p for p in params if p.grad is not None]
+            live = [p for p in self.params if p.grad is not None]
             offsets = sam_perturbation(live, self.value)
             with torch.no_grad():
                 # Restored by copy, not by subtracting the offset again: bit-exact, so ranks that
