@@ -4,6 +4,11 @@ The first half is generic: functions of plain sequences of numbers (None and NaN
 return plain floats. The second half turns ``cells.jsonl`` rows into one summary per cell,
 compared against the baseline cell, so that tables, figures and the index share one computation.
 
+The unit of replication is the run (one seed, one process), never a step: step times inside
+one run share the process, its memory layout and whatever else the machine was doing at the
+time, so they are autocorrelated and tell little about the next run. Every test and interval
+here therefore takes one number per run (its median step time, its throughput).
+
 scipy is imported inside the functions that need it: it takes about a second to import, and the
 CLI imports this module (through bench.report) for every command.
 """
@@ -17,7 +22,10 @@ from typing import Any, Iterable
 import numpy as np
 
 CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 2000
+ALPHA = 1 - CONFIDENCE
+MIN_EFFECT = 0.02  # the smallest relative change a mark may claim (gate 2)
+MIN_RUNS = 3  # per group: below it a comparison says "too few runs to call" (validated by `trickbench aa`)
+LOAD_HEADROOM = 1.25  # load average above this × the cores = competing load (see ran_under_load)
 MIB = 2 ** 20
 MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer_state", "activations", "other", "buffers")
 Row = dict[str, Any]
@@ -47,52 +55,35 @@ def summarize(values: Iterable[float | None], confidence: float = CONFIDENCE) ->
     return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
 
 
-def ratio_ci(a_values: Iterable[float | None], b_values: Iterable[float | None],
-             confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
-    """mean(b) / mean(a) with a percentile-bootstrap interval: (ratio, low, high).
+def welch(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """mean(b) − mean(a) with its Welch t interval and two-sided p-value: (diff, low, high, p).
 
-    Each group is resampled on its own (the seeds of two cells are independent runs). The
-    generator is seeded, so a report rebuilt from the same rows prints the same interval. With
-    fewer than two values in either group there is no spread to resample: the interval is NaN.
+    Welch, not Student: the two groups may have different spreads (a trick can make runs more
+    or less variable). Needs two values per group; with no spread at all the interval is the
+    point and p is 1 for equal means, 0 otherwise.
     """
-    a, b = clean(a_values), clean(b_values)
-    if not len(a) or not len(b):
-        return math.nan, math.nan, math.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(b.mean() / a.mean())
-        if len(a) < 2 or len(b) < 2:
-            return ratio, math.nan, math.nan
-        rng = np.random.default_rng(0)
-        a_means = a[rng.integers(0, len(a), size=(resamples, len(a)))].mean(axis=1)
-        b_means = b[rng.integers(0, len(b), size=(resamples, len(b)))].mean(axis=1)
-        ratios = b_means / a_means
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.nanpercentile(ratios, [tail, 100 - tail])
-    return ratio, float(low), float(high)
+    from scipy import stats
+
+    diff = float(b.mean() - a.mean())
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff, 1.0 if diff == 0 else 0.0
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf((1 + confidence) / 2, dof)) * se
+    p_value = float(2 * stats.t.sf(abs(diff) / se, dof))
+    return diff, diff - half, diff + half, p_value
 
 
 def diff_ci(a_values: Iterable[float | None], b_values: Iterable[float | None],
             confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """mean(b) − mean(a) with a Welch t interval: (difference, low, high).
-
-    Welch rather than a bootstrap because with three seeds a bootstrap interval is far too
-    narrow; the t interval widens honestly with few samples and unequal variances.
-    """
-    from scipy import stats
-
+    """mean(b) − mean(a) with a Welch t interval: (difference, low, high); NaN bounds below 2 values."""
     a, b = clean(a_values), clean(b_values)
     if not len(a) or not len(b):
         return math.nan, math.nan, math.nan
-    diff = float(b.mean() - a.mean())
     if len(a) < 2 or len(b) < 2:
-        return diff, math.nan, math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, dof)) * se
-    return diff, diff - half, diff + half
+        return float(b.mean() - a.mean()), math.nan, math.nan
+    return welch(a, b, confidence)[:3]
 
 
 def excludes(low: float, high: float, value: float) -> bool:
@@ -101,48 +92,101 @@ def excludes(low: float, high: float, value: float) -> bool:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """Whether two sets of timings differ: both gates must pass for ``significant``.
+class Comparison:
+    """A cell against the baseline on one number per run: the ratio, its interval, and the verdict.
 
-    ``effect`` is the signed relative change of the median, median(cell)/median(baseline) − 1.
+    ``ratio`` = geometric mean(cell) / geometric mean(baseline); ``low``/``high`` its interval (NaN
+    when there are too few runs); ``significant`` only when both gates pass.
     """
 
-    significant: bool
+    ratio: float
+    low: float
+    high: float
     p_value: float
-    effect: float
+    n_base: int
+    n_cell: int
+    significant: bool
     reason: str
 
+    @property
+    def effect(self) -> float:
+        """Signed relative change, ratio − 1."""
+        return self.ratio - 1
 
-def differs(baseline_samples: Iterable[float | None], cell_samples: Iterable[float | None],
-            min_effect: float = 0.02, alpha: float = 0.05) -> Verdict:
-    """Two gates, as asv and criterion use: a real difference AND one big enough to matter.
+    @property
+    def too_few(self) -> bool:
+        return min(self.n_base, self.n_cell) < MIN_RUNS
 
-    Gate 1 is a two-sided Mann–Whitney U test on the raw samples (timings are skewed and
-    heavy-tailed, so no normality is assumed). Gate 2 asks for a relative change of the median
-    of at least ``min_effect``: with thousands of step times a 0.5% change is "significant"
-    but is noise from the machine, not an effect of the trick.
+
+def too_few_note(n_base: int, n_cell: int) -> str:
+    return f"n={min(n_base, n_cell)}: too few runs to call"
+
+
+def compare_runs(baseline_runs: Iterable[float | None], cell_runs: Iterable[float | None],
+                 min_effect: float = MIN_EFFECT, alpha: float = ALPHA, min_runs: int = MIN_RUNS) -> Comparison:
+    """The report's decision: do two cells differ, judged from one positive number per run?
+
+    Timings are multiplicative (a trick makes a step 1.3× slower, a busy machine slows every
+    kernel by a factor), so the test runs on log values: Welch's t on log(per-run value) gives a
+    p-value and, exponentiated, an interval for the ratio of geometric means. Small-n honest:
+    with three runs per cell the t quantile has ~2–4 degrees of freedom and the interval is
+    wide, as it should be (a bootstrap of three values is not). Two gates, as asv and criterion
+    use: p < ``alpha`` AND |ratio − 1| ≥ ``min_effect``, because a real but tiny change is not
+    worth a mark. Fewer than ``min_runs`` runs in either cell: no test, no interval, no mark.
     """
-    from scipy import stats
-
-    a, b = clean(baseline_samples), clean(cell_samples)
-    if len(a) < 2 or len(b) < 2:
-        return Verdict(False, math.nan, math.nan, "too few samples to test")
-    base_median = float(np.median(a))
-    effect = float(np.median(b)) / base_median - 1 if base_median else math.nan
-    p_value = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    a, b = clean(baseline_runs), clean(cell_runs)
+    a, b = a[a > 0], b[b > 0]
+    if not len(a) or not len(b):
+        return Comparison(math.nan, math.nan, math.nan, math.nan, len(a), len(b), False, "no data")
+    ratio = math.exp(float(np.log(b).mean() - np.log(a).mean()))
+    if min(len(a), len(b)) < max(min_runs, 2):
+        return Comparison(ratio, math.nan, math.nan, math.nan, len(a), len(b), False, too_few_note(len(a), len(b)))
+    _, low, high, p_value = welch(np.log(a), np.log(b), 1 - alpha)
+    effect = ratio - 1
     if not p_value < alpha:
-        return Verdict(False, p_value, effect, f"p={p_value:.3g} ≥ {alpha:g}: no detectable difference")
-    if not abs(effect) >= min_effect:
-        return Verdict(False, p_value, effect, f"|effect| {abs(effect):.1%} < {min_effect:.0%} minimum")
-    return Verdict(True, p_value, effect,
-                   f"p={p_value:.3g} < {alpha:g} and |effect| {abs(effect):.1%} ≥ {min_effect:.0%}")
+        verdict, reason = False, f"p={p_value:.3g} ≥ {alpha:g}: no detectable difference"
+    elif not abs(effect) >= min_effect:
+        verdict, reason = False, f"|effect| {abs(effect):.1%} < {min_effect:.0%} minimum"
+    else:
+        verdict, reason = True, f"p={p_value:.3g} < {alpha:g} and |effect| {abs(effect):.1%} ≥ {min_effect:.0%}"
+    return Comparison(ratio, math.exp(low), math.exp(high), p_value, len(a), len(b), verdict, reason)
+
+
+def geometric_mean(values: Iterable[float | None]) -> float:
+    data = clean(values)
+    data = data[data > 0]
+    return float(np.exp(np.log(data).mean())) if len(data) else math.nan
+
+
+def ran_under_load(row: Row, headroom: float = LOAD_HEADROOM) -> bool | None:
+    """True when a run's timing ran under competing load; None when the row cannot tell (old rows).
+
+    Rule: the 1-minute load average, at the start or at the end of the run, exceeds ``headroom``
+    × the machine's cores. Why this and not a lower bar: the load average lags (a 60 s moving
+    average), so at the start of a run it still holds the harness's own previous run, and at the
+    end it holds this one. The harness alone keeps at most its thread count busy, and that is at
+    most the core count (torch's default on CPU; about one thread per rank on GPU), so alone
+    it never pushes the average above the cores; more means other work was runnable and had to
+    share cores with the run. The 25% headroom absorbs what the average also counts besides
+    runnable threads (the runner's parent process, daemons, tasks waiting on I/O). The limit of
+    the rule: competition that fits in the cores the run leaves idle goes unflagged (e.g. one
+    busy thread beside a CPU run on all cores), since the average cannot tell it apart from
+    the harness's own previous run.
+    """
+    cores = (row.get("env") or {}).get("cpu_cores")
+    loads = [row.get("load_avg_1m_start"), row.get("load_avg_1m_end")]
+    loads = [x for x in loads if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not loads or not isinstance(cores, int) or cores < 1:
+        return None
+    return max(loads) > headroom * cores
 
 
 # --- per-cell aggregates of rows ---------------------------------------------------------------------
-# Baseline: the cell of the first row written. The runner goes round-robin over the cells in
-# matrix order and a matrix lists its baseline (every axis at its first value) first, so the first
-# row is the baseline's first seed in both designs. Rows store ``axes`` with sorted keys: axes come
-# out in alphabetical order, each axis's values in the order the cells first use them.
+# Baseline: the cell the caller names (the runner records it in matrix.json); without one, the cell
+# of the first row written. The runner goes round-robin over the cells in matrix order and a
+# matrix lists its baseline (every axis at its first value) first, so the first row is the
+# baseline's first seed in both designs. Rows store ``axes`` with sorted keys: axes come out in
+# alphabetical order, each axis's values in the order the cells first use them.
 
 def axis_key(value: Any) -> str:
     """Axis values compared as JSON text: keeps false apart from 0, and makes null hashable."""
@@ -164,52 +208,66 @@ def cell_label(axes: dict[str, Any], baseline: dict[str, Any]) -> str:
     return ", ".join(changed) or "baseline"
 
 
-def group_cells(rows: list[Row]) -> list[Row]:
-    """One entry per cell_id in first-appearance order (baseline first), ok and failed rows apart."""
-    baseline = rows[0]["axes"]
+def group_cells(rows: list[Row], baseline_cell_id: str | None = None) -> list[Row]:
+    """One entry per cell_id, the baseline first, the others in first-appearance order; ok and failed
+    rows apart. ``baseline_cell_id`` None: the cell of the first row is the baseline."""
+    ids = list(dict.fromkeys(r["cell_id"] for r in rows))
+    base_id = ids[0] if baseline_cell_id is None else baseline_cell_id
+    if base_id not in ids:
+        raise ValueError(f"baseline cell {base_id!r} has no rows; cells with rows: {', '.join(ids)}")
+    baseline = next(r["axes"] for r in rows if r["cell_id"] == base_id)
     cells: dict[str, Row] = {}
+    for cell_id in [base_id] + [i for i in ids if i != base_id]:
+        axes = next(r["axes"] for r in rows if r["cell_id"] == cell_id)
+        cells[cell_id] = {"cell_id": cell_id, "axes": axes, "ok": [], "failed": [], "label": cell_label(axes, baseline)}
     for row in rows:
-        cell = cells.setdefault(row["cell_id"], {"cell_id": row["cell_id"], "axes": row["axes"], "ok": [],
-                                                 "failed": [], "label": cell_label(row["axes"], baseline)})
-        cell["ok" if row.get("status") == "ok" else "failed"].append(row)
+        cells[row["cell_id"]]["ok" if row.get("status") == "ok" else "failed"].append(row)
     return list(cells.values())
 
 
-def pooled_steps(ok_rows: list[Row]) -> np.ndarray:
-    """Every timed step of every seed: the raw samples the significance test needs."""
-    return clean(t for r in ok_rows for t in (r.get("step_times_ms") or []))
+def run_step_ms(row: Row) -> float | None:
+    """One run's median step time: the row's own median, else the median of its step times."""
+    if row.get("step_time_ms_median") is not None:
+        return row["step_time_ms_median"]
+    steps = clean(row.get("step_times_ms") or [])
+    return float(np.median(steps)) if len(steps) else None
 
 
 def cell_stats(cell: Row, base: Row) -> Row:
     """Everything a report shows about one cell, compared against the baseline cell.
 
-    Memory in MiB, accuracy in percent; summaries are :func:`summarize` dicts and comparisons
-    (estimate, low, high) triples. A cell without ok rows gets NaN everywhere, never a zero.
+    Memory in MiB, accuracy in percent; summaries are :func:`summarize` dicts, speed comparisons
+    :class:`Comparison` on one value per run, the accuracy change an (estimate, low, high) triple.
+    A cell without ok rows gets NaN everywhere, never a zero.
     """
     ok, base_ok = cell["ok"], base["ok"]
     throughput = _values(ok, "throughput_samples_per_s")
     accuracy = _values(ok, "accuracy_top1", 100)
     peak = _values(ok, "peak_memory_bytes", 1 / MIB)
-    steps = pooled_steps(ok)
+    run_steps = [run_step_ms(r) for r in ok]
     breakdowns = [r.get("memory_breakdown") or {} for r in ok]
+    loads = [ran_under_load(r) for r in ok]
+    base_peak = mean_or_nan(_values(base_ok, "peak_memory_bytes", 1 / MIB))
     return {
         "cell_id": cell["cell_id"], "label": cell["label"], "axes": cell["axes"], "is_base": cell is base,
-        "n_ok": len(ok), "n_runs": len(ok) + len(cell["failed"]), "steps": steps,
+        "n_ok": len(ok), "n_runs": len(ok) + len(cell["failed"]),
+        "runs": [{"seed": r["seed"], "step_ms": s, "under_load": u} for r, s, u in zip(ok, run_steps, loads)],
+        "n_under_load": sum(u is True for u in loads), "n_load_unknown": sum(u is None for u in loads),
         "throughput": summarize(throughput), "accuracy": summarize(accuracy),
-        "step_ms": float(np.median(steps)) if len(steps) else mean_or_nan(_values(ok, "step_time_ms_median")),
+        "step_ms": geometric_mean(run_steps),
         "peak_mib": mean_or_nan(peak), "loss": mean_or_nan(_values(ok, "final_train_loss")),
         "breakdown": {c: mean_or_nan(b.get(c) for b in breakdowns) / MIB for c in MEMORY_COMPONENTS},
-        "speedup": ratio_ci(_values(base_ok, "throughput_samples_per_s"), throughput),
-        "memory_ratio": ratio_ci(_values(base_ok, "peak_memory_bytes", 1 / MIB), peak)[0],
+        "speedup": compare_runs(_values(base_ok, "throughput_samples_per_s"), throughput),
+        "memory_ratio": mean_or_nan(peak) / base_peak if base_peak else math.nan,
         "accuracy_change": diff_ci(_values(base_ok, "accuracy_top1", 100), accuracy),
-        "step_verdict": differs(pooled_steps(base_ok), steps),
+        "step_verdict": compare_runs([run_step_ms(r) for r in base_ok], run_steps),
         "curves": [dict(point, seed=r["seed"]) for r in ok for point in (r.get("curve") or [])],
     }
 
 
-def all_cell_stats(rows: list[Row]) -> list[Row]:
+def all_cell_stats(rows: list[Row], baseline_cell_id: str | None = None) -> list[Row]:
     """:func:`cell_stats` of every cell, baseline first, with its :func:`scaling_efficiency`."""
-    cells = group_cells(rows)
+    cells = group_cells(rows, baseline_cell_id)
     scaling = scaling_efficiency(rows)
     return [{**cell_stats(cell, cells[0]), "world_size": scaling.get(cell["cell_id"], (math.nan,) * 2)[0],
              "scaling_efficiency": scaling.get(cell["cell_id"], (math.nan,) * 2)[1]} for cell in cells]
@@ -241,6 +299,8 @@ def scaling_efficiency(rows: list[Row]) -> dict[str, tuple[int, float]]:
 def scalar(s: Row, field: str) -> float:
     """One number per cell: the mean of a summary, the estimate of a comparison, or the value."""
     value = s[field]
+    if isinstance(value, Comparison):
+        return value.ratio
     return value["mean"] if isinstance(value, dict) else value[0] if isinstance(value, tuple) else value
 
 
