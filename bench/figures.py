@@ -241,30 +241,40 @@ def plot_curves(stats: list[Row], path: Path) -> bool:
 
 
 def plot_step_times(stats: list[Row], path: Path) -> bool:
+    """One point per run (its median step time), the unit the significance marks compare; runs
+    under competing load in red, so a lone slow point can be traced to the machine."""
     import pandas as pd
     import seaborn as sns
 
-    frame = pd.DataFrame([{"cell": s["label"], "ms": t} for s in stats for t in s["steps"]])
+    frame = pd.DataFrame([{"cell": s["label"], "ms": run["step_ms"], "load": _load_label(run["under_load"])}
+                          for s in stats for run in s["runs"] if run["step_ms"] is not None])
     if frame.empty:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(layout="constrained", figsize=(9, _height(frame["cell"].nunique())))
-    sns.boxplot(frame, x="ms", y="cell", hue="cell", palette=_palette(stats), legend=False, fliersize=2, ax=ax)
+    colors = {"quiet": "tab:blue", "under load": "tab:red", "load unknown": "0.5"}
+    sns.stripplot(frame, x="ms", y="cell", hue="load", hue_order=[k for k in colors if k in set(frame["load"])],
+                  palette=colors, size=7, jitter=0.15, ax=ax)
     spread = frame["ms"].max() / max(frame["ms"].min(), 1e-9)
-    if spread > 20:  # one slow cell would squash every other box into a line
+    if spread > 20:  # one slow cell would squash every other cell's points into one
         _plain_log_scale(ax.xaxis)
-    ax.set(xlabel="time per step (ms" + (", log scale)" if spread > 20 else ")"), ylabel="",
-           title="Per-step time distribution (all seeds pooled, warm-up excluded)")
+    ax.set(xlabel="median step time of each run (ms" + (", log scale)" if spread > 20 else ")"), ylabel="",
+           title="Per-run median step time (one point per run, warm-up excluded)")
+    ax.legend(title="machine during the run", fontsize=8, title_fontsize=8)
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
     return True
+
+
+def _load_label(under_load: bool | None) -> str:
+    return "load unknown" if under_load is None else "under load" if under_load else "quiet"
 
 
 SKIPPED = {"accuracy": "accuracy is null in every row (e.g. synthetic data)",
            "throughput_vs_memory": "no successful run recorded throughput and memory",
            "speedup_heatmap": "needs a baseline with throughput and an axis with a second value",
            "memory_breakdown": "no memory breakdown recorded", "curves": "no training curves recorded",
-           "step_times": "no per-step times recorded"}
+           "step_times": "no per-run step times recorded"}
 
 
 def write_figures(stats: list[Row], design: str, folder: Path) -> tuple[list[str], list[str]]:

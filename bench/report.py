@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import write_figures
-from bench.stats import (Row, all_cell_stats, axis_key, axis_values, excludes, infer_design,
-                         mean_where)
+from bench.stats import (LOAD_HEADROOM, MIN_EFFECT, MIN_RUNS, Comparison, Row, all_cell_stats, axis_key,
+                         axis_values, excludes, infer_design, mean_where, ran_under_load, too_few_note)
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -83,23 +83,49 @@ def fmt_interval(estimate: tuple[float, float, float], unit: str, decimals: int,
     return text + ("*" if mark else "")
 
 
+def verdict_mark(comparison: Comparison) -> str:
+    """``*`` when both gates pass; the too-few-runs note instead of any mark; else nothing."""
+    if comparison.significant:
+        return "*"
+    return f" ({too_few_note(comparison.n_base, comparison.n_cell)})" if comparison.too_few else ""
+
+
+def fmt_speedup(speedup: Comparison) -> str:
+    if not math.isfinite(speedup.ratio):
+        return "—"
+    return fmt_interval((speedup.ratio, speedup.low, speedup.high), "×", 2, False) + verdict_mark(speedup)
+
+
+def fmt_runs(s: Row) -> str:
+    """ok/all runs, and how many of the ok runs ran under competing load."""
+    return f"{s['n_ok']}/{s['n_runs']}" + (f", {s['n_under_load']} under load" if s["n_under_load"] else "")
+
+
 CELL_HEADERS = ["cell", "ok runs", "throughput (samples/s)", "median step (ms)", "peak memory (MiB)",
                 "activations (MiB)", "top-1 (%)", "final train loss", "speedup ×", "memory ×", "Δ top-1 (pts)"]
-LEGEND = ("Means over seeds ± half-width of the 95% Student-t interval. Speedup = mean throughput ÷ the "
-          "baseline's, [95% bootstrap interval]; memory × = mean peak memory ÷ the baseline's; Δ top-1 = "
+LEGEND = ("The unit of replication is the run (one seed, one process): every number below is first "
+          "reduced to one value per run, never pooled over the steps of several runs, whose step times "
+          "are not independent. Throughput and top-1: mean over runs ± half-width of the 95% Student-t "
+          "interval. Median step = geometric mean over runs of each run's median step time. Speedup = "
+          "geometric mean of the per-run throughputs ÷ the baseline's, [95% interval from Welch's t on "
+          "log throughput, exponentiated]; memory × = mean peak memory ÷ the baseline's; Δ top-1 = "
           "difference of mean accuracy in percentage points, [95% Welch interval]. Marks: `*` on the "
-          "median step time = the per-step times differ from the baseline's by both gates (Mann–Whitney U "
-          "p < 0.05 on the pooled raw step times of all seeds, and the median moved by ≥ 2%); `*` on a "
-          "speedup = its interval excludes 1; `*` on Δ top-1 = its interval excludes 0. `—` = no data.")
+          "median step or the speedup = both gates pass against the baseline: Welch's t on the log per-run "
+          f"values gives p < 0.05, AND the ratio moved by ≥ {MIN_EFFECT:.0%}. With fewer than {MIN_RUNS} ok "
+          f"runs in the cell or the baseline no test is made and no interval shown: the cell says "
+          f"`n=K: too few runs to call` instead, K being the smaller run count (the A/A check `trickbench aa` "
+          f"measures how often the marks are wrong at n = {MIN_RUNS}). `*` on Δ top-1 = its interval excludes 0. `under load` = runs whose 1-minute "
+          f"load average at start or end exceeded {LOAD_HEADROOM:g} × the CPU cores (competing work; "
+          "listed below the tables). `—` = no data.")
 
 
 def cell_row(s: Row) -> list[str]:
-    speedup, change = s["speedup"], s["accuracy_change"]
+    change = s["accuracy_change"]
     ref = s["is_base"]
-    return [f"**{s['label']}**" if ref else s["label"], f"{s['n_ok']}/{s['n_runs']}", fmt_ci(s["throughput"]),
-            fmt(s["step_ms"]) + ("*" if s["step_verdict"].significant and not ref else ""),
+    return [f"**{s['label']}**" if ref else s["label"], fmt_runs(s), fmt_ci(s["throughput"]),
+            fmt(s["step_ms"]) + ("" if ref else verdict_mark(s["step_verdict"])),
             fmt(s["peak_mib"]), fmt(s["breakdown"]["activations"]), fmt_ci(s["accuracy"], 1), fmt(s["loss"], 3),
-            "ref" if ref else fmt_interval(speedup, "×", 2, excludes(speedup[1], speedup[2], 1.0)),
+            "ref" if ref else fmt_speedup(s["speedup"]),
             "ref" if ref else fmt_ratio(s["memory_ratio"]),
             "ref" if ref else fmt_interval(change, "", 1, excludes(change[1], change[2], 0.0), signed=True)]
 
@@ -175,6 +201,25 @@ def unstable_note(stats: list[Row], limit: float = 0.25) -> list[str]:
             "machine was probably busy during some runs; treat speed comparisons with care.**", ""]
 
 
+def load_section(rows: list[Row], labels: dict[str, str]) -> list[str]:
+    """The ok runs flagged by :func:`bench.stats.ran_under_load`, and how many rows cannot tell."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    flags = [ran_under_load(r) for r in ok]
+    loaded = [r for r, flag in zip(ok, flags) if flag]
+    unknown = sum(flag is None for flag in flags)
+    lines = [f"{len(loaded)} of {len(ok)} ok runs ran under competing load (1-minute load average above "
+             f"{LOAD_HEADROOM:g} × the CPU cores at start or end)"
+             + (f"; {unknown} rows carry no load average (recorded before it was): unknown." if unknown else ".")]
+    if loaded:
+        def load(value: Any) -> str:
+            return fmt(value, 2) if isinstance(value, (int, float)) else "—"
+
+        table = [[labels[r["cell_id"]], r["seed"], load(r.get("load_avg_1m_start")), load(r.get("load_avg_1m_end")),
+                  (r.get("env") or {}).get("cpu_cores")] for r in loaded]
+        lines += ["", md_table(["cell", "seed", "load at start", "load at end", "CPU cores"], table)]
+    return lines
+
+
 def failures_section(rows: list[Row], labels: dict[str, str]) -> list[str]:
     failed = [r for r in rows if r.get("status") != "ok"]
     if not failed:
@@ -226,17 +271,20 @@ def load_rows(out_dir: Path) -> list[Row]:
     return read_rows(path)
 
 
-def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str]) -> str:
-    """The markdown text of a report; ``figures`` are file names under ``figures/``."""
+def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str],
+                  baseline_named: bool = False) -> str:
+    """The markdown text of a report; ``figures`` are file names under ``figures/``. ``baseline_named``:
+    the caller chose stats[0] as the baseline (from matrix.json) rather than the first row written."""
     design = infer_design(stats)
     ok = sum(r.get("status") == "ok" for r in rows)
     matrices = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows))
     base_axes = ", ".join(f"{k}={axis_key(v)}" for k, v in stats[0]["axes"].items())
+    origin = "the matrix's baseline cell" if baseline_named else "the cell of the first row written"
     lines = [f"# Report: {matrices}", "",
              f"{len(rows)} runs ({ok} ok, {len(rows) - ok} failed) of {len(stats)} cells × "
              f"{len({r['seed'] for r in rows})} seeds; design {design} (inferred from the cells' axes).", "",
-             f"Baseline: the cell of the first row written ({base_axes}); other cells are named by the axis "
-             "values in which they differ from it.", ""]
+             f"Baseline: {origin} ({base_axes}); other cells are named by the axis values in which they "
+             "differ from it.", ""]
     if not stats[0]["n_ok"]:
         lines += ["**The baseline has no successful run: no comparisons are possible.**", ""]
     lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, "",
@@ -244,13 +292,17 @@ def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: 
     lines += one_at_a_time_section(stats) if design == "one_at_a_time" else factorial_section(stats)
     lines += scaling_section(stats)
     labels = {s["cell_id"]: s["label"] for s in stats}
+    lines += ["## Runs under competing load", "", *load_section(rows, labels), ""]
     lines += ["## Failed runs", "", *failures_section(rows, labels), "", "## Figures", ""]
     lines += [f"![{name}](figures/{name})" for name in figures] + [""] + [f"- {note}" for note in notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def build_report(out_dir: Path) -> Path:
-    """Read ``out_dir/cells.jsonl``; write ``report.md``, ``figures/*.png`` and ``results.csv``."""
+def build_report(out_dir: Path, baseline_cell_id: str | None = None) -> Path:
+    """Read ``out_dir/cells.jsonl``; write ``report.md``, ``figures/*.png`` and ``results.csv``.
+
+    ``baseline_cell_id``: the baseline cell (from matrix.json); None = the cell of the first row.
+    """
     from bench.results import CSV_FILE, write_csv
 
     out_dir = Path(out_dir)
@@ -259,9 +311,9 @@ def build_report(out_dir: Path) -> Path:
     if not rows:
         report.write_text("# Report\n\nNo complete rows in cells.jsonl yet.\n", encoding="utf-8")
         return report
-    stats = all_cell_stats(rows)
+    stats = all_cell_stats(rows, baseline_cell_id)
     figures, notes = write_figures(stats, infer_design(stats), out_dir / FIGURES_DIR)
-    report.write_text(render_report(rows, stats, figures, notes), encoding="utf-8")
+    report.write_text(render_report(rows, stats, figures, notes, baseline_cell_id is not None), encoding="utf-8")
     write_csv(rows, out_dir / CSV_FILE)
     return report
 
@@ -277,9 +329,10 @@ def headline_findings(stats: list[Row]) -> list[str]:
         return ["no successful runs"]
 
     def versus(s: Row) -> str:
-        speedup, low, high = s["speedup"]
-        pace = (" (within noise)" if not excludes(low, high, 1.0) else " (slower)" if speedup < 1 else " (faster)")
-        return f"{fmt(speedup, 2)}× throughput{pace}, {fmt(s['memory_ratio'], 2)}× peak memory vs baseline"
+        speedup = s["speedup"]
+        pace = (f" ({too_few_note(speedup.n_base, speedup.n_cell)})" if speedup.too_few else " (within noise)"
+                if not speedup.significant else " (slower)" if speedup.ratio < 1 else " (faster)")
+        return f"{fmt(speedup.ratio, 2)}× throughput{pace}, {fmt(s['memory_ratio'], 2)}× peak memory vs baseline"
 
     fastest = max(ok, key=lambda s: _finite_or(s["throughput"]["mean"], -math.inf))
     slowest = min(ok, key=lambda s: _finite_or(s["throughput"]["mean"], math.inf))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from bench.figures import plot_speedup_heatmap
 from bench.report import add_cli, build_report, md_table, render_report, write_index
@@ -86,7 +87,7 @@ def table_line(text: str, label: str) -> str:
 def test_report_shows_speedup_memory_ratio_and_accuracy_change(built):
     _, text = built
     bf16 = table_line(text, 'precision="bf16"')
-    assert "2.00×" in bf16 and "0.50×" in bf16 and "+2.0" in bf16
+    assert "2.00× [" in bf16 and "0.50×" in bf16 and "+2.0" in bf16
     assert "200 ± " in bf16  # throughput mean ± CI half-width
     ckpt = table_line(text, "checkpointing=true")
     assert "2/3" in ckpt and "0.40×" in ckpt and "0.78×" in ckpt  # seeds 0 and 1 only: 77.5 / 100
@@ -96,8 +97,50 @@ def test_marks_follow_the_gates(built):
     _, text = built
     bf16 = table_line(text, 'precision="bf16"').split(" | ")
     assert bf16[3].endswith("*")  # median step time halved: both gates pass
-    assert bf16[8].endswith("*")  # speedup interval excludes 1
-    assert "Mann–Whitney" in text and "excludes 1" in text  # the legend
+    assert bf16[8].endswith("*")  # speedup: Welch on log throughput per run, p < 0.05 and ≥ 2%
+    assert "Welch's t on the log per-run values" in text and "too few runs to call" in text  # the legend
+    assert "bootstrap" not in text and "pooled" not in text.split("## Results")[1].split("###")[0].replace(
+        "never pooled", "")
+
+
+def test_too_few_runs_say_so_instead_of_a_mark(no_figures, tmp_path):
+    rows = [r for r in toy_rows() if r["seed"] < 2]  # two seeds: bf16 is clearly 2x, but n=2
+    text = build_report(write_rows(tmp_path, rows)).read_text()
+    bf16 = table_line(text, 'precision="bf16"').split(" | ")
+    assert bf16[3].endswith("(n=2: too few runs to call)") and "*" not in bf16[3]
+    assert bf16[8] == "2.00× (n=2: too few runs to call)"  # no interval from two values either
+    assert "2.00× throughput (n=2: too few runs to call)" in write_index(tmp_path).read_text()
+
+
+def test_runs_under_load_are_marked_and_counted(no_figures):
+    rows = toy_rows()
+    for row in rows:
+        row.update(load_avg_1m_start=1.0, load_avg_1m_end=2.2)  # the harness alone on 2 cores
+    rows[3].update(load_avg_1m_start=4.5, load_avg_1m_end=5.0)  # baseline seed 1: someone else was busy
+    del rows[4]["load_avg_1m_start"], rows[4]["load_avg_1m_end"]  # an old row: unknown
+    text = render_report(rows, all_cell_stats(rows), [], [])
+    assert "3/3, 1 under load" in table_line(text, "**baseline**")
+    assert "| 3/3 |" in table_line(text, 'precision="bf16"')
+    section = text.split("## Runs under competing load")[1].split("## Failed runs")[0]
+    assert "1 of 8 ok runs ran under competing load" in section and "1 rows carry no load average" in section
+    assert "| baseline | 1 | 4.50 | 5.00 | 2 |" in section
+
+
+def test_old_rows_without_load_fields_report_unknown(built):
+    _, text = built
+    section = text.split("## Runs under competing load")[1].split("## Failed runs")[0]
+    assert "0 of 8 ok runs" in section and "8 rows carry no load average" in section
+
+
+def test_explicit_baseline_cell(no_figures, tmp_path):
+    folder = write_rows(tmp_path, toy_rows())
+    text = build_report(folder, baseline_cell_id="bf16").read_text()
+    assert 'Baseline: the matrix\'s baseline cell (precision="bf16", checkpointing=false)' in text
+    base = table_line(text, 'precision="fp32"').split(" | ")
+    fp32, bf16 = np.log([95.0, 100.0, 105.0]), np.log([190.0, 200.0, 210.0])
+    ci = scipy_stats.ttest_ind(fp32, bf16, equal_var=False).confidence_interval(0.95)
+    assert base[8] == f"0.50× [{np.exp(ci.low):.2f}, {np.exp(ci.high):.2f}]*"  # fp32, now measured against bf16
+    assert "Baseline: the cell of the first row written" in build_report(folder).read_text()
 
 
 def test_one_table_per_axis_with_the_baseline(built):
