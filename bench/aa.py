@@ -118,10 +118,11 @@ def analyse(rows: Iterable[Row], per_group: int, splits: int = 1000) -> dict[str
 
 def format_result(result: dict[str, Any]) -> str:
     """A markdown summary: one line per mark, disjoint (independent) and random (dependent) splits."""
-    def cell(r: dict[str, float]) -> str:
+    def cell(r: dict[str, float], interval: bool = True) -> str:
         if not r["total"]:
             return "—"
-        return f"{r['hits']}/{r['total']} = {r['rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}]"
+        text = f"{r['hits']}/{r['total']} = {r['rate']:.1%}"
+        return text + (f" [{r['ci_low']:.1%}, {r['ci_high']:.1%}]" if interval else "")
 
     marks = [("step", "median step time `*` (per-run, Welch on logs, ≥2%)"),
              ("speedup", "speedup `*` (per-run, Welch on logs, ≥2%)"), ("either", "either mark (current)"),
@@ -132,11 +133,13 @@ def format_result(result: dict[str, Any]) -> str:
              "without load data.", "",
              "| mark | disjoint comparisons (independent) | random splits (runs reused: not independent) |",
              "| :--- | ---: | ---: |"]
-    lines += [f"| {label} | {cell(result['disjoint'][m])} | {cell(result['random'][m])} |" for m, label in marks]
+    lines += [f"| {label} | {cell(result['disjoint'][m])} | {cell(result['random'][m], interval=False)} |"
+              for m, label in marks]
     spread = result["run_median_step_ms"]
     if spread:
         lines += ["", f"Per-run median step time: {spread['min']:.1f} to {spread['max']:.1f} ms "
-                      f"(median {spread['median']:.1f}). Brackets: exact 95% binomial interval."]
+                      f"(median {spread['median']:.1f}). Brackets: exact 95% binomial (Clopper–Pearson) interval; "
+                      "none for random splits, whose draws share runs."]
     return "\n".join(lines) + "\n"
 
 
