@@ -65,13 +65,19 @@ def bootstrap_speedup_excludes_1(base_rows: list[Row], cell_rows: list[Row], res
 
 # --- analysis (a pure function of rows) ------------------------------------------------------------
 
+MARKS = {"call": "the report's speed call: `*` on the median step (per-run medians, Welch on logs, ≥2%)",
+         "interval": "(not a call) speedup interval excludes 1 (per-run throughput, Welch on logs)",
+         "old_step": "former `*` on the median step: pooled step times, Mann–Whitney, ≥2%",
+         "old_speedup": "former `*` on the speedup: bootstrap interval of 3 values excludes 1",
+         "old_either": "either former mark"}
+
 def judge(a: list[Row], b: list[Row]) -> dict[str, bool]:
-    """Which marks a report would print between two groups of runs of the same config."""
-    step = compare_runs([run_step_ms(r) for r in a], [run_step_ms(r) for r in b]).significant
-    speed = compare_runs([r.get("throughput_samples_per_s") for r in a],
-                         [r.get("throughput_samples_per_s") for r in b]).significant
+    """What a report would claim between two groups of runs of the same config: its speed call,
+    whether its speedup interval excludes 1 (shown, not called), and the former method's marks."""
+    call = compare_runs([run_step_ms(r) for r in a], [run_step_ms(r) for r in b]).significant
+    speedup = compare_runs([r.get("throughput_samples_per_s") for r in a], [r.get("throughput_samples_per_s") for r in b])
     old_step, old_speed = pooled_step_verdict(a, b), bootstrap_speedup_excludes_1(a, b)
-    return {"step": step, "speedup": speed, "either": step or speed,
+    return {"call": call, "interval": speedup.low > 1 or speedup.high < 1,
             "old_step": old_step, "old_speedup": old_speed, "old_either": old_step or old_speed}
 
 
@@ -99,6 +105,21 @@ def rate(hits: int, total: int) -> dict[str, float]:
     return {"hits": hits, "total": total, "rate": hits / total, "ci_low": float(ci.low), "ci_high": float(ci.high)}
 
 
+def jackknife_se(pairs: list[tuple[list[int], list[int]]], hits: list[bool], n_runs: int) -> float:
+    """Standard error of the random-split rate, by leaving out one run at a time (the rate is a
+    U-statistic over runs, so its uncertainty comes from the runs, not from the number of draws)."""
+    hits_array = np.asarray(hits, dtype=float)
+    rates = []
+    for run in range(n_runs):
+        keep = np.asarray([run not in a and run not in b for a, b in pairs])
+        if keep.any():
+            rates.append(hits_array[keep].mean())
+    if len(rates) < 2:
+        return math.nan
+    rates_array = np.asarray(rates)
+    return float(math.sqrt((len(rates) - 1) / len(rates) * ((rates_array - rates_array.mean()) ** 2).sum()))
+
+
 def analyse(rows: Iterable[Row], per_group: int, splits: int = 1000) -> dict[str, Any]:
     """False-positive rates of the current and the former marks over disjoint and random splits."""
     ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: r["seed"])
@@ -108,8 +129,10 @@ def analyse(rows: Iterable[Row], per_group: int, splits: int = 1000) -> dict[str
     for name, pairs in (("disjoint", disjoint_splits(len(ok), per_group)),
                         ("random", random_splits(len(ok), per_group, splits) if len(ok) >= 2 * per_group else [])):
         verdicts = [judge([ok[i] for i in a], [ok[i] for i in b]) for a, b in pairs]
-        result[name] = {mark: rate(sum(v[mark] for v in verdicts), len(verdicts))
-                        for mark in ("step", "speedup", "either", "old_step", "old_speedup", "old_either")}
+        result[name] = {mark: rate(sum(v[mark] for v in verdicts), len(verdicts)) for mark in MARKS}
+        if name == "random":
+            for mark in MARKS:
+                result[name][mark]["jackknife_se"] = jackknife_se(pairs, [v[mark] for v in verdicts], len(ok))
     steps = clean(run_step_ms(r) for r in ok)
     result["run_median_step_ms"] = {"min": float(steps.min()), "median": float(np.median(steps)),
                                     "max": float(steps.max())} if len(steps) else {}
@@ -118,28 +141,26 @@ def analyse(rows: Iterable[Row], per_group: int, splits: int = 1000) -> dict[str
 
 def format_result(result: dict[str, Any]) -> str:
     """A markdown summary: one line per mark, disjoint (independent) and random (dependent) splits."""
-    def cell(r: dict[str, float], interval: bool = True) -> str:
+    def cell(r: dict[str, float]) -> str:
         if not r["total"]:
             return "—"
         text = f"{r['hits']}/{r['total']} = {r['rate']:.1%}"
-        return text + (f" [{r['ci_low']:.1%}, {r['ci_high']:.1%}]" if interval else "")
+        if "jackknife_se" in r:
+            return text + (f" ± {r['jackknife_se']:.1%}" if math.isfinite(r["jackknife_se"]) else "")
+        return text + f" [{r['ci_low']:.1%}, {r['ci_high']:.1%}]"
 
-    marks = [("step", "median step time `*` (per-run, Welch on logs, ≥2%)"),
-             ("speedup", "speedup `*` (per-run, Welch on logs, ≥2%)"), ("either", "either mark (current)"),
-             ("old_step", "former: pooled step times, Mann–Whitney, ≥2%"),
-             ("old_speedup", "former: bootstrap speedup interval excludes 1"), ("old_either", "either former mark")]
     lines = [f"A/A: {result['runs_ok']} ok runs of one config, {result['per_group']} runs per group; "
              f"{result['runs_under_load']} runs flagged as under competing load, {result['runs_load_unknown']} "
              "without load data.", "",
              "| mark | disjoint comparisons (independent) | random splits (runs reused: not independent) |",
              "| :--- | ---: | ---: |"]
-    lines += [f"| {label} | {cell(result['disjoint'][m])} | {cell(result['random'][m], interval=False)} |"
-              for m, label in marks]
+    lines += [f"| {label} | {cell(result['disjoint'][m])} | {cell(result['random'][m])} |"
+              for m, label in MARKS.items()]
     spread = result["run_median_step_ms"]
     if spread:
         lines += ["", f"Per-run median step time: {spread['min']:.1f} to {spread['max']:.1f} ms "
-                      f"(median {spread['median']:.1f}). Brackets: exact 95% binomial (Clopper–Pearson) interval; "
-                      "none for random splits, whose draws share runs."]
+                      f"(median {spread['median']:.1f}). Brackets: exact 95% binomial (Clopper–Pearson) interval. "
+                      "Random splits share runs, so no binomial interval: ± = leave-one-run-out jackknife standard error."]
     return "\n".join(lines) + "\n"
 
 

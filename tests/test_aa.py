@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.aa import analyse, disjoint_splits, format_result, judge, random_splits, rate
+from bench.aa import analyse, disjoint_splits, format_result, jackknife_se, judge, random_splits, rate
 
 
 def test_disjoint_splits_interleave_like_the_runner_and_reuse_no_run():
@@ -43,8 +43,8 @@ def synthetic_runs(count, seed=0, steps=40):
 
 def test_analyse_counts_false_marks_of_the_new_and_the_former_method():
     result = analyse(synthetic_runs(60), per_group=3, splits=300)
-    assert result["disjoint"]["either"]["total"] == 10 and result["random"]["either"]["total"] == 300
-    assert result["random"]["either"]["rate"] <= 0.10  # per-run Welch: near the nominal 5% per mark
+    assert result["disjoint"]["call"]["total"] == 10 and result["random"]["call"]["total"] == 300
+    assert result["random"]["call"]["rate"] <= 0.08  # per-run Welch: near the nominal 5%
     assert result["random"]["old_either"]["rate"] >= 0.5  # pooled steps / bootstrap of 3 values
     assert result["runs_load_unknown"] == 60
     assert "random splits (runs reused: not independent)" in format_result(result)
@@ -55,4 +55,12 @@ def test_judge_marks_a_real_difference():
     slow = [dict(r, step_time_ms_median=2 * r["step_time_ms_median"],
                  throughput_samples_per_s=r["throughput_samples_per_s"] / 2) for r in rows[3:]]
     verdict = judge(rows[:3], slow)
-    assert verdict["step"] and verdict["speedup"] and verdict["either"]
+    assert verdict["call"] and verdict["interval"]
+    assert not judge(rows[:3], rows[:3])["call"]
+
+
+def test_jackknife_se_is_zero_without_variation_and_positive_when_one_run_drives_the_calls():
+    pairs = random_splits(12, 3, 200)
+    assert jackknife_se(pairs, [False] * len(pairs), 12) == 0.0
+    hits = [0 in a + b for a, b in pairs]  # "false calls" whenever run 0 takes part: a bad run
+    assert jackknife_se(pairs, hits, 12) > 0.05

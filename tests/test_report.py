@@ -97,8 +97,8 @@ def test_marks_follow_the_gates(built):
     _, text = built
     bf16 = table_line(text, 'precision="bf16"').split(" | ")
     assert bf16[3].endswith("*")  # median step time halved: both gates pass
-    assert bf16[8].endswith("*")  # speedup: Welch on log throughput per run, p < 0.05 and ≥ 2%
-    assert "Welch's t on the log per-run values" in text and "too few runs to call" in text  # the legend
+    assert bf16[8].startswith("2.00× [") and not bf16[8].endswith("*")  # one call per cell, on the step
+    assert "Welch's t on the log per-run median step times" in text and "too few runs to call" in text  # the legend
     assert "bootstrap" not in text and "pooled" not in text.split("## Results")[1].split("###")[0].replace(
         "never pooled", "")
 
@@ -108,7 +108,7 @@ def test_too_few_runs_say_so_instead_of_a_mark(no_figures, tmp_path):
     text = build_report(write_rows(tmp_path, rows)).read_text()
     bf16 = table_line(text, 'precision="bf16"').split(" | ")
     assert bf16[3].endswith("(n=2: too few runs to call)") and "*" not in bf16[3]
-    assert bf16[8] == "2.00× (n=2: too few runs to call)"  # no interval from two values either
+    assert bf16[8] == "2.00×"  # no interval from two values either
     assert "2.00× throughput (n=2: too few runs to call)" in write_index(tmp_path).read_text()
 
 
@@ -139,7 +139,7 @@ def test_explicit_baseline_cell(no_figures, tmp_path):
     base = table_line(text, 'precision="fp32"').split(" | ")
     fp32, bf16 = np.log([95.0, 100.0, 105.0]), np.log([190.0, 200.0, 210.0])
     ci = scipy_stats.ttest_ind(fp32, bf16, equal_var=False).confidence_interval(0.95)
-    assert base[8] == f"0.50× [{np.exp(ci.low):.2f}, {np.exp(ci.high):.2f}]*"  # fp32, now measured against bf16
+    assert base[8] == f"0.50× [{np.exp(ci.low):.2f}, {np.exp(ci.high):.2f}]"  # fp32, now measured against bf16
     assert "Baseline: the cell of the first row written" in build_report(folder).read_text()
 
 
