@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -191,10 +192,14 @@ def run_aa(matrix_path: Path, profile: str | None, out_dir: Path, runs: int) -> 
 
 
 def _cmd_aa(args: argparse.Namespace) -> int:
+    if args.runs < 2 * args.per_group:
+        print(f"error: --runs {args.runs}: needs at least 2 × --per-group = {2 * args.per_group} runs for "
+              "one comparison", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     matrix_path = Path(args.matrix) if args.matrix else out_dir / "aa_matrix.yaml"
-    if not args.matrix:
+    if not args.matrix:  # a user's matrix is validated before anything is written
+        out_dir.mkdir(parents=True, exist_ok=True)
         matrix_path.write_text(DEFAULT_MATRIX)
     rows = run_aa(matrix_path, args.profile, out_dir, args.runs)
     result = analyse(rows, args.per_group, args.splits)
@@ -206,13 +211,19 @@ def _cmd_aa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def add_cli(subparsers: Any) -> None:
     """Add ``aa`` to the trickbench command line."""
     aa = subparsers.add_parser("aa", help="A/A check: false-positive rate of the report's marks on this machine")
     aa.add_argument("matrix", nargs="?", help="matrix YAML whose baseline cell is run (default: a ~5 s tiny_cnn run)")
     aa.add_argument("--profile", help="a profile of the matrix file")
     aa.add_argument("--out", default="results/aa", help="folder for cells.jsonl, aa.json and aa.md")
-    aa.add_argument("--runs", type=int, default=90, help="independent runs in all (default 90)")
-    aa.add_argument("--per-group", type=int, default=3, help="runs per 'cell' in one comparison (default 3)")
-    aa.add_argument("--splits", type=int, default=1000, help="random (dependent) splits (default 1000)")
+    aa.add_argument("--runs", type=_positive, default=90, help="independent runs in all (default 90)")
+    aa.add_argument("--per-group", type=_positive, default=3, help="runs per 'cell' in one comparison (default 3)")
+    aa.add_argument("--splits", type=_positive, default=1000, help="random (dependent) splits (default 1000)")
     aa.set_defaults(func=_cmd_aa)
