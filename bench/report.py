@@ -113,7 +113,7 @@ LEGEND = ("The unit of replication is the run (one seed, one process): each run 
           "memory ÷ the baseline's; Δ top-1 = difference of mean accuracy in percentage points, [95% Welch "
           "interval]. `*` on the median step = the cell's one speed call: Welch's t on the log per-run "
           f"median step times gives p < 0.05 against the baseline's, AND their ratio moved by ≥ {MIN_EFFECT:.0%}. "
-          "One call per cell, not one per column, keeps the rate of false calls at the nominal 5% "
+          "One call per cell, not one per column, keeps the rate of false calls within the nominal 5% "
           f"(measured with the A/A check `trickbench aa`). With fewer than {MIN_RUNS} ok runs in the cell "
           "or the baseline there is no call and no interval; the cell says `n=K: too few runs to call` "
           "(K = the smaller run count). `*` on Δ top-1 = its interval excludes 0. `under load` = runs whose "
