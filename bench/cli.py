@@ -62,18 +62,22 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
     absolute = Path(os.path.abspath(path))
     if len(os.fsencode(str(absolute))) >= os.pathconf("/", "PC_PATH_MAX"):
         raise ConfigError("arguments", where, "path is longer than the filesystem allows")
-    existing = absolute
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    name_max = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
-    for part in absolute.parts:
+    existing = Path(absolute.anchor)  # the deepest folder of the path that exists
+    created = False
+    for part in absolute.parts[1:]:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
         if len(os.fsencode(part)) > name_max:
-            raise ConfigError("arguments", where, f"a name of {len(os.fsencode(part))} bytes is longer than the "
-                              f"filesystem allows ({name_max})")
-    if existing == absolute and not absolute.is_dir():
-        raise ConfigError("arguments", where, "exists and is not a folder")
-    if not existing.is_dir():
-        raise ConfigError("arguments", where, f"{shorten(str(existing), 80)} is a file, not a folder")
+            raise ConfigError("arguments", where, f"a name of {len(os.fsencode(part))} bytes is longer than "
+                              f"the filesystem allows ({name_max})")
+        candidate = existing / part
+        if created or not os.path.lexists(candidate):
+            created = True  # from here on the folders would be created
+        elif not candidate.is_dir():
+            problem = "exists and is not a folder" if candidate == absolute else \
+                f"{shorten(str(candidate), 80)} is a file, not a folder"
+            raise ConfigError("arguments", where, problem)
+        else:
+            existing = candidate
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("arguments", where, f"{shorten(str(existing), 80)} is not writable "
                           f"({os.strerror(errno.EACCES).lower()})")
