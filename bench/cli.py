@@ -44,12 +44,12 @@ def check_environment() -> None:
     ranks (torchrun sets them afresh for each), so values left over in the shell, e.g. on the
     login node of a distributed job, say nothing about this run, and a child must not inherit them.
     """
-    from bench.distributed import drop_inherited_rank_variables
-
     fault = os.environ.get("TRICKBENCH_FAULT", "")
     if fault and not FAULT_VALUE.fullmatch(fault):
         raise ConfigError("environment", "TRICKBENCH_FAULT", f"{shorten(fault)} is not raise@RANK or hang@RANK "
                           "(test-only fault injection; unset it)")
+    from bench.distributed import drop_inherited_rank_variables
+
     dropped = drop_inherited_rank_variables()
     if dropped:
         print(f"warning: ignoring inherited {', '.join(dropped)} (trickbench starts its own ranks with torchrun)",

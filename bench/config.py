@@ -504,7 +504,7 @@ def load_matrix(path: str | Path, profile: Optional[str] = None, device: Optiona
         check_cell(config, point, seeds, file, notes)
         cells.append(Cell(axes=point, config=config))
     if not cells:
-        raise ConfigError(file, "exclude", f"the rules exclude all {count} cells")
+        raise ConfigError(file, "exclude", f"the rules remove every one of the {count} cells")
     unique = {c.cell_id: c for c in cells}  # one-at-a-time may repeat the baseline
     return Matrix(name=name, file=file, design=design, seeds=seeds, axes=axes,
                   cells=tuple(unique.values()), warnings=tuple(f"{file}: {n}" for n in dict.fromkeys(notes)))

@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from bench.config import Cell, ConfigError, Matrix, TrainConfig, load_matrix
-from bench.figures import _pyplot, _save
 from bench.safeyaml import shorten
 from bench.schedules import SCHEDULES, lr_trace
-from bench.train import make_step, prepare_run
+
+# bench.train (torchvision, the datasets) and bench.figures (matplotlib) are imported where used:
+# this module is imported by every `trickbench` command, which should refuse bad input quickly.
 
 
 def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path) -> Path:
     """One panel per schedule: LR against optimizer step, without and with linear warmup."""
+    from bench.figures import _pyplot, _save
+
     plt = _pyplot()
     names = list(SCHEDULES)
     cols = 4
@@ -42,6 +44,10 @@ def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path
 
 def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, Any]]:
     """Mean and max |grad| of every weight (conv/linear, ndim > 1) at the last of ``steps`` steps."""
+    from torch.utils.data import DataLoader
+
+    from bench.train import make_step, prepare_run
+
     device = torch.device(config.device)
     splits, model, optimizer, tricks = prepare_run(config, seed, device)
     loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
@@ -60,12 +66,14 @@ def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, 
     return layers
 
 
-def _cycle(loader: DataLoader):
+def _cycle(loader: Any):
     while True:
         yield from loader
 
 
 def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> Path:
+    from bench.figures import _pyplot, _save
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(layers)), 5), layout="constrained")
     x = range(len(layers))

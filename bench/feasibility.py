@@ -7,11 +7,12 @@ model that cannot take the input is refused before any process starts, not by a 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
 
-from bench.config import TrainConfig, min_total_steps
+from bench.config import MEASUREMENT_STEPS, TrainConfig, min_total_steps
 from bench.data import dataset_facts
 from bench.safeyaml import shorten
 
@@ -61,10 +62,10 @@ def _check_run_length(config: TrainConfig, train_size: int) -> int:
     total = config.steps or config.epochs * batches
     need = min_total_steps(config.warmup_steps)
     if total < need:
-        length = f"steps {config.steps}" if config.steps else f"epochs {config.epochs} x {batches} batches"
+        length = f"{total} steps" if config.steps else f"{config.epochs} epochs of {batches} batches"
         raise CellProblem(("steps" if config.steps else "epochs", "warmup_steps", "batch_size"),
-                          f"{length} = {total} optimizer steps; at least {need} are needed "
-                          f"({config.warmup_steps} warm-up, measurement, at least one timed)")
+                          f"{length} leave nothing to time: a run needs at least {need} optimizer steps "
+                          f"({config.warmup_steps} warm-up, {MEASUREMENT_STEPS} measurement, 1 timed)")
     return total
 
 
@@ -97,7 +98,8 @@ def _meta_forward(model_name: str, num_classes: int, shape: tuple[int, int, int]
     from bench.models import build_model
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constructors' FutureWarnings would add lines to a refusal
             model = build_model(model_name, num_classes).train()
             output = model(torch.empty(batch, *shape))
     except NotImplementedError:

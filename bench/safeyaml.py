@@ -12,7 +12,7 @@ On top of PyYAML's safe loader (plain data only, no Python object tags) it refus
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -49,16 +49,19 @@ class _MatrixLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _expanded_size(node: yaml.Node, memo: dict[int, int], limit: int) -> int:
+def _expanded_size(node: yaml.Node, memo: dict[int, Optional[int]]) -> int:
     """Number of nodes with aliases expanded; each distinct node is sized once, so a bomb of
     depth d costs O(d) here while its expansion would cost 10^d."""
     if id(node) in memo:
+        if memo[id(node)] is None:  # reached again while being sized: it contains itself
+            raise MatrixYAMLError(f"line {node.start_mark.line + 1}: an alias (*name) refers to a value that "
+                                  "contains it; the expansion never ends")
         return memo[id(node)]
-    memo[id(node)] = limit + 1  # a node reached again while being sized is a cycle: too big
+    memo[id(node)] = None
     if isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo, limit) + _expanded_size(v, memo, limit) for k, v in node.value)
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
     elif isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(v, memo, limit) for v in node.value)
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
     else:
         size = 1
     memo[id(node)] = size
@@ -81,7 +84,7 @@ def load_yaml(path: str | Path) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        if _expanded_size(node, {}, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+        if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
             raise MatrixYAMLError(f"more than {MAX_EXPANDED_NODES:,} values once its aliases (*name) are expanded "
                                   "(an alias bomb?)")
         return loader.construct_document(node)
