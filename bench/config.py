@@ -498,10 +498,12 @@ def load_matrix(path: str | Path, profile: Optional[str] = None, device: Optiona
     for point in _expand(design, axes):
         if any(all(point[k] == v for k, v in rule.items()) for rule in excludes):
             continue
-        config = build_train_config(_merge(base, point), file, notes=notes)
+        cell_notes: list[str] = []
+        config = build_train_config(_merge(base, point), file, notes=cell_notes)
         config = dataclasses.replace(config, device=resolve_device(config.device, file, "device"))
         _check_tricks(config, point, file)
-        check_cell(config, point, seeds, file, notes)
+        check_cell(config, point, seeds, file, cell_notes)
+        notes += [note for note in cell_notes if f"base.{note}" not in notes]  # base's own are noted once
         cells.append(Cell(axes=point, config=config))
     if not cells:
         raise ConfigError(file, "exclude", f"the rules remove every one of the {count} cells")
