@@ -90,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                          max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
+    if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
+        out_dir.mkdir(parents=True, exist_ok=True)
     for warning in matrix.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     runs = matrix.runs()
@@ -161,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment()
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. an --out the checks could not foresee (procfs), a missing dataset
+        where = f"{shorten(str(err.filename), 120)[1:-1]}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)

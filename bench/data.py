@@ -234,13 +234,29 @@ def _imagefolder_facts(cfg: Any) -> DatasetFacts:
     return DatasetFacts(images, len(classes), (3, size, size))
 
 
+def _torchvision_facts(folder: Callable[[Path], Path], train_size: int, num_classes: int
+                       ) -> Callable[[Any], DatasetFacts]:
+    """Fixed facts, once the files are known to be there (or will be downloaded)."""
+    fixed = _fixed(train_size, num_classes, 32)
+
+    def facts(cfg: Any) -> DatasetFacts:
+        expected = folder(Path(cfg.data_dir))
+        if not cfg.download and not expected.is_dir():
+            raise FileNotFoundError(f"dataset {cfg.dataset} not found: no folder {str(expected)!r}; "
+                                    "set data_dir, or download: true to fetch it")
+        return fixed(cfg)
+
+    return facts
+
+
 FACTS: dict[str, Callable[[Any], DatasetFacts]] = {
     "synthetic": _synthetic_facts,
     "digits": _fixed(DIGITS_SIZE - math.ceil(DIGITS_TEST_FRACTION * DIGITS_SIZE), 10, 32),
-    "cifar10": _fixed(50_000, 10, 32),
-    "cifar100": _fixed(50_000, 100, 32),
-    "mnist": _fixed(60_000, 10, 32),  # 28x28 padded to 32x32
-    "fashion_mnist": _fixed(60_000, 10, 32),
+    "cifar10": _torchvision_facts(lambda root: root / tvd.CIFAR10.base_folder, 50_000, 10),
+    "cifar100": _torchvision_facts(lambda root: root / tvd.CIFAR100.base_folder, 50_000, 100),
+    # 28x28 padded to 32x32; torchvision keeps them in <root>/<class name>/raw
+    "mnist": _torchvision_facts(lambda root: root / "MNIST" / "raw", 60_000, 10),
+    "fashion_mnist": _torchvision_facts(lambda root: root / "FashionMNIST" / "raw", 60_000, 10),
     "imagefolder": _imagefolder_facts,
 }
 

@@ -85,8 +85,8 @@ def load_yaml(path: str | Path) -> Any:
         if node is None:
             return None
         if _expanded_size(node, {}) > MAX_EXPANDED_NODES:
-            raise MatrixYAMLError(f"more than {MAX_EXPANDED_NODES:,} values once its aliases (*name) are expanded "
-                                  "(an alias bomb?)")
+            raise MatrixYAMLError(f"more than {MAX_EXPANDED_NODES:,} values, counting each alias (*name) as "
+                                  "expanded; a matrix is far smaller (an alias bomb?)")
         return loader.construct_document(node)
     except RecursionError:
         raise MatrixYAMLError("nested too deeply") from None
