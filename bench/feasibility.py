@@ -63,7 +63,7 @@ def _check_run_length(config: TrainConfig, train_size: int) -> int:
     need = min_total_steps(config.warmup_steps)
     if total < need:
         length = f"{total} steps" if config.steps else f"{config.epochs} epochs of {batches} batches"
-        raise CellProblem(("steps" if config.steps else "epochs", "warmup_steps", "batch_size"),
+        raise CellProblem(("steps" if config.steps else "epochs", "warmup_steps", "batch_size", "world_size"),
                           f"{length} leave nothing to time: a run needs at least {need} optimizer steps "
                           f"({config.warmup_steps} warm-up, {MEASUREMENT_STEPS} measurement, 1 timed)")
     return total
