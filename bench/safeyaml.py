@@ -11,6 +11,7 @@ On top of PyYAML's safe loader (plain data only, no Python object tags) it refus
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,9 +27,16 @@ class MatrixYAMLError(ValueError):
     """A matrix file that cannot be read as plain data; the message is one line."""
 
 
+_REPR = reprlib.Repr()  # Python 3.10 has no keyword arguments here
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 6, 6, 6
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 80
+
+
 def shorten(value: Any, limit: int = 60) -> str:
-    """repr of ``value`` cut to ``limit`` characters, so no error line grows with the input."""
-    text = repr(value)
+    """repr of ``value`` cut to ``limit`` characters, so no error line grows with the input.
+
+    reprlib never builds the whole repr, which for a shared (aliased) structure could be huge."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
 
 
