@@ -29,7 +29,7 @@ class MatrixYAMLError(ValueError):
 
 _REPR = reprlib.Repr()  # Python 3.10 has no keyword arguments here
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 6, 6, 6
-_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 80
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 200, 80, 80  # callers cut further
 
 
 def shorten(value: Any, limit: int = 60) -> str:
