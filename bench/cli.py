@@ -1,18 +1,99 @@
-"""Command line: ``trickbench run | list`` (also ``python -m bench``). Thin: parsing and printing."""
+"""Command line: ``trickbench run | list`` (also ``python -m bench``). Thin: parsing and printing.
+
+Every refusal is one line on stderr starting with ``error:``, exit code 2, before anything is
+run or written: argument errors, environment variables, the matrix, and the output folder.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from bench.config import ConfigError, load_matrix
+from bench.config import MAX_CELLS, ConfigError, load_matrix
+from bench.safeyaml import shorten
+
+FAULT_VALUE = re.compile(r"(raise|hang)@\d{1,6}")  # bench.worker.injected_fault's format
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (its default prints the usage block too)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message[:250]} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{shorten(text)} is not an integer >= 1")
+    return value
+
+
+def check_environment() -> None:
+    """Refuse junk in trickbench's own variables; drop inherited torchrun rank variables.
+
+    Those (RANK, WORLD_SIZE, ...) are ignored rather than refused: trickbench launches its own
+    ranks (torchrun sets them afresh for each), so values left over in the shell, e.g. on the
+    login node of a distributed job, say nothing about this run, and a child must not inherit them.
+    """
+    fault = os.environ.get("TRICKBENCH_FAULT", "")
+    if fault and not FAULT_VALUE.fullmatch(fault):
+        raise ConfigError("environment", "TRICKBENCH_FAULT", f"{shorten(fault)} is not raise@RANK or hang@RANK "
+                          "(test-only fault injection; unset it)")
+    from bench.distributed import drop_inherited_rank_variables
+
+    dropped = drop_inherited_rank_variables()
+    if dropped:
+        print(f"warning: ignoring inherited {', '.join(dropped)} (trickbench starts its own ranks with torchrun)",
+              file=sys.stderr)
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be created or written, without creating anything."""
+    where = f"{flag} {shorten(str(path), 80)}"
+    absolute = Path(os.path.abspath(path))
+    if len(os.fsencode(str(absolute))) >= os.pathconf("/", "PC_PATH_MAX"):
+        raise ConfigError("arguments", where, "path is longer than the filesystem allows")
+    existing = Path(absolute.anchor)  # the deepest folder of the path that exists
+    created = False
+    for part in absolute.parts[1:]:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError("arguments", where, f"a name of {len(os.fsencode(part))} bytes is longer than "
+                              f"the filesystem allows ({name_max})")
+        candidate = existing / part
+        if created or not os.path.lexists(candidate):
+            created = True  # from here on the folders would be created
+        elif not candidate.is_dir():
+            problem = "exists and is not a folder" if candidate == absolute else \
+                f"{shorten(str(candidate), 80)} is a file, not a folder"
+            raise ConfigError("arguments", where, problem)
+        else:
+            existing = candidate
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("arguments", where, f"{shorten(str(existing), 80)} is not writable "
+                          f"({os.strerror(errno.EACCES).lower()})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import OutputBusy, run_matrix
 
-    matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device)
+    matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
+                         max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
+    check_out_dir(out_dir)
+    if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for warning in matrix.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     runs = matrix.runs()
     print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds = {len(runs)} runs "
           f"({matrix.design}) on {matrix.cells[0].config.device} -> {out_dir}")
@@ -53,7 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trickbench", description="Measure training tricks: speed, memory, accuracy.")
+    parser = OneLineParser(prog="trickbench", description="Measure training tricks: speed, memory, accuracy.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an ablation matrix")
     run.add_argument("matrix", help="ablation YAML file")
@@ -62,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
     run.add_argument("--dry-run", action="store_true", help="print the expanded cells, run nothing")
     run.add_argument("--fresh", action="store_true", help="start over; previous rows are moved aside, not deleted")
+    run.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS} cells")
     run.set_defaults(func=cmd_run)
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
@@ -75,11 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # usage errors (one line, code 2) and --help (code 0)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        check_environment()
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. an --out the checks could not foresee (procfs), a missing dataset
+        where = f"{shorten(str(err.filename), 120)[1:-1]}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)

@@ -5,6 +5,8 @@ download only when the matrix says ``download: true``.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +27,8 @@ MNIST_STATS = ((0.1307,) * 3, (0.3081,) * 3)
 FASHION_MNIST_STATS = ((0.2860,) * 3, (0.3530,) * 3)
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SYNTHETIC_SEED = 0
+DIGITS_SIZE = 1797  # sklearn.datasets.load_digits
+DIGITS_TEST_FRACTION = 0.2  # build_digits's split; train_test_split rounds the test share up
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ def build_digits(cfg: Any) -> DatasetSplits:
     y = torch.as_tensor(digits.target, dtype=torch.int64)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     train_idx, test_idx = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=0.2, stratify=y.numpy(), random_state=0
+        torch.arange(len(y)).numpy(), test_size=DIGITS_TEST_FRACTION, stratify=y.numpy(), random_state=0
     )
     x_train, x_test = x[torch.as_tensor(train_idx)], x[torch.as_tensor(test_idx)]
     mean, std = x_train.mean(), x_train.std()
@@ -191,3 +195,75 @@ def build_imagefolder(cfg: Any) -> DatasetSplits:
     if test.classes != train.classes:  # labels are folder indices, so both splits need the same folders
         raise ValueError(f"imagefolder: train classes {train.classes} differ from val classes {test.classes}")
     return DatasetSplits(train, test, len(train.classes), _shape(test), accuracy_meaningful=True)
+
+
+# ---- facts without loading: what validation needs to know before any run starts ----
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a dataset's splits would be, known without building them (cheap, no download)."""
+
+    train_size: int
+    num_classes: int
+    input_shape: tuple[int, int, int]  # C, H, W of one sample, as the model receives it
+
+
+def _fixed(train_size: int, num_classes: int, native: int) -> Callable[[Any], DatasetFacts]:
+    return lambda cfg: DatasetFacts(train_size, num_classes, (3, cfg.image_size or native, cfg.image_size or native))
+
+
+def _synthetic_facts(cfg: Any) -> DatasetFacts:
+    size = cfg.image_size or 32
+    return DatasetFacts(cfg.num_samples, cfg.num_classes or 10, (3, size, size))
+
+
+def _imagefolder_facts(cfg: Any) -> DatasetFacts:
+    """Counts the class folders and image files of data_dir/train (as ImageFolder would find them)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for split in ("train", "val"):
+        if not (Path(cfg.data_dir) / split).is_dir():
+            raise FileNotFoundError(f"imagefolder needs data_dir with train/ and val/ class folders; "
+                                    f"{str(Path(cfg.data_dir) / split)!r} is not a folder")
+    classes = [entry for entry in os.scandir(Path(cfg.data_dir) / "train") if entry.is_dir()]
+    if not classes:
+        raise FileNotFoundError(f"imagefolder: {str(Path(cfg.data_dir) / 'train')!r} has no class folders")
+    images = sum(name.lower().endswith(IMG_EXTENSIONS)
+                 for folder in classes for _, _, names in os.walk(folder.path, followlinks=True) for name in names)
+    size = cfg.image_size or 224
+    return DatasetFacts(images, len(classes), (3, size, size))
+
+
+def _torchvision_facts(folder: Callable[[Path], Path], train_size: int, num_classes: int
+                       ) -> Callable[[Any], DatasetFacts]:
+    """Fixed facts, once the files are known to be there (or will be downloaded)."""
+    fixed = _fixed(train_size, num_classes, 32)
+
+    def facts(cfg: Any) -> DatasetFacts:
+        expected = folder(Path(cfg.data_dir))
+        if not cfg.download and not expected.is_dir():
+            raise FileNotFoundError(f"dataset {cfg.dataset} not found: no folder {str(expected)!r}; "
+                                    "set data_dir, or download: true to fetch it")
+        return fixed(cfg)
+
+    return facts
+
+
+FACTS: dict[str, Callable[[Any], DatasetFacts]] = {
+    "synthetic": _synthetic_facts,
+    "digits": _fixed(DIGITS_SIZE - math.ceil(DIGITS_TEST_FRACTION * DIGITS_SIZE), 10, 32),
+    "cifar10": _torchvision_facts(lambda root: root / tvd.CIFAR10.base_folder, 50_000, 10),
+    "cifar100": _torchvision_facts(lambda root: root / tvd.CIFAR100.base_folder, 50_000, 100),
+    # 28x28 padded to 32x32; torchvision keeps them in <root>/<class name>/raw
+    "mnist": _torchvision_facts(lambda root: root / "MNIST" / "raw", 60_000, 10),
+    "fashion_mnist": _torchvision_facts(lambda root: root / "FashionMNIST" / "raw", 60_000, 10),
+    "imagefolder": _imagefolder_facts,
+}
+
+
+def dataset_facts(cfg: Any) -> DatasetFacts:
+    """Training-set size, classes and input shape of ``cfg.dataset`` without loading it.
+
+    Raises FileNotFoundError when the data it needs to count is not there (imagefolder).
+    """
+    return FACTS[cfg.dataset](cfg)

@@ -9,16 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from bench.config import Matrix, TrainConfig, load_matrix
-from bench.figures import _pyplot, _save
+from bench.config import Cell, ConfigError, Matrix, TrainConfig, load_matrix
+from bench.safeyaml import shorten
 from bench.schedules import SCHEDULES, lr_trace
-from bench.train import make_step, prepare_run
+
+# bench.train (torchvision, the datasets) and bench.figures (matplotlib) are imported where used:
+# this module is imported by every `trickbench` command, which should refuse bad input quickly.
 
 
 def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path) -> Path:
     """One panel per schedule: LR against optimizer step, without and with linear warmup."""
+    from bench.figures import _pyplot, _save
+
     plt = _pyplot()
     names = list(SCHEDULES)
     cols = 4
@@ -41,6 +44,10 @@ def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path
 
 def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, Any]]:
     """Mean and max |grad| of every weight (conv/linear, ndim > 1) at the last of ``steps`` steps."""
+    from torch.utils.data import DataLoader
+
+    from bench.train import make_step, prepare_run
+
     device = torch.device(config.device)
     splits, model, optimizer, tricks = prepare_run(config, seed, device)
     loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
@@ -59,12 +66,14 @@ def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, 
     return layers
 
 
-def _cycle(loader: DataLoader):
+def _cycle(loader: Any):
     while True:
         yield from loader
 
 
 def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> Path:
+    from bench.figures import _pyplot, _save
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(layers)), 5), layout="constrained")
     x = range(len(layers))
@@ -81,10 +90,7 @@ def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> 
 
 
 def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path) -> list[Path]:
-    cell = next((c for c in matrix.cells if c.cell_id == cell_id), None) if cell_id else matrix.cells[0]
-    if cell is None:
-        known = ", ".join(f"{c.cell_id} ({c.label()})" for c in matrix.cells)
-        raise FileNotFoundError(f"no cell {cell_id!r} in {matrix.file}; cells: {known}")
+    cell = _find_cell(matrix, cell_id)
     config = cell.config
     out_dir.mkdir(parents=True, exist_ok=True)
     total = config.steps or 100
@@ -97,18 +103,36 @@ def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path) -> 
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from bench.cli import check_out_dir
+
     matrix = load_matrix(args.matrix, profile=args.profile)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name / "diagnostics"
-    for path in diagnose(matrix, args.cell, args.steps, out_dir):
+    check_out_dir(out_dir)
+    cell = _find_cell(matrix, args.cell)
+    if cell.config.world_size > 1:  # gradient flow runs in this one process, not under torchrun
+        raise ConfigError(matrix.file, f"--cell {cell.cell_id}", f"world_size {cell.config.world_size}: diagnose "
+                          "runs one process; pick a world_size 1 cell (see run --dry-run)")
+    for path in diagnose(matrix, cell.cell_id, args.steps, out_dir):
         print(path)
     return 0
 
 
+def _find_cell(matrix: Matrix, cell_id: str | None) -> Cell:
+    cell = next((c for c in matrix.cells if c.cell_id == cell_id), None) if cell_id else matrix.cells[0]
+    if cell is None:
+        known = ", ".join(c.cell_id for c in matrix.cells)
+        raise ConfigError(matrix.file, "--cell", f"no cell {shorten(cell_id)}; cells: {shorten(known, 150)[1:-1]} "
+                          "(see run --dry-run)")
+    return cell
+
+
 def add_cli(subparsers: Any) -> None:
+    from bench.cli import positive_int
+
     parser = subparsers.add_parser("diagnose", help="LR-schedule and gradient-flow figures for a cell")
     parser.add_argument("matrix", help="ablation YAML file")
     parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
     parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")
-    parser.add_argument("--steps", type=int, default=20, help="training steps before reading gradients")
+    parser.add_argument("--steps", type=positive_int, default=20, help="training steps before reading gradients")
     parser.add_argument("--out", help="output folder (default results/<matrix>/diagnostics/)")
     parser.set_defaults(func=_cmd)

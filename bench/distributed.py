@@ -29,13 +29,39 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+# Set by torchrun for each rank it starts. The runner is the only launcher of training processes,
+# so a value inherited from the shell (a login node of a torchrun/SLURM job) is not for us:
+# `drop_inherited_rank_variables` removes them at the CLI, before any child can inherit them.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+
+
+def _env_count(name: str, default: int, minimum: int) -> int:
+    """An integer torchrun put in the environment; junk is a one-line error naming the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise RuntimeError(f"environment variable {name}={text[:40]!r} is not an integer >= {minimum} "
+                           "(torchrun sets it for each rank)")
+    return value
+
+
+def drop_inherited_rank_variables() -> list[str]:
+    """Remove torchrun's per-rank variables from this process's environment; returns their names."""
+    return [name for name in RANK_VARIABLES if os.environ.pop(name, None) is not None]
+
+
 def launched_world_size() -> int:
     """The number of ranks torchrun started (1 for a plain process): known before the group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_count("WORLD_SIZE", 1, minimum=1)
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _env_count("LOCAL_RANK", 0, minimum=0)
 
 
 def threads_per_rank(ranks_on_this_machine: int) -> int:
@@ -65,7 +91,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(threads_per_rank(_env_count("LOCAL_WORLD_SIZE", 1, minimum=1)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     yield
     dist.destroy_process_group()

@@ -46,5 +46,7 @@ class Registry(Generic[T]):
 
 def did_you_mean(word: Any, choices: list[str]) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
+    if len(str(word)) > 64:  # no name is that long, and difflib's cost grows with the length
+        return ""
     close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

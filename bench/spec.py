@@ -73,6 +73,11 @@ class Trick:
         """Raise ValueError when this value cannot work with the rest of ``config``."""
 
     @classmethod
+    def advise(cls, value: Any, config: Any, total_steps: int) -> str | None:
+        """A warning (not an error) about ``value`` in a run of ``total_steps`` optimizer steps."""
+        return None
+
+    @classmethod
     def is_active(cls, value: Any) -> bool:
         """Whether the loop needs an instance; "off" values cost nothing."""
         return value != cls.default

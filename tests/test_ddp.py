@@ -235,7 +235,7 @@ def test_a_hanging_rank_times_out_and_leaves_no_process(write_matrix, work_in_tm
 # --- configuration and launch ------------------------------------------------------------------------
 
 def test_batch_scaling_sets_the_per_rank_batch(write_matrix):
-    base = "name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1, batch_size: 96, batch_scaling: %s}\n" \
+    base = "name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 2, batch_size: 96, batch_scaling: %s}\n" \
            "axes: {world_size: [1, 3]}"
     assert [c.config.per_rank_batch_size for c in load_matrix(write_matrix(base % "global")).cells] == [96, 32]
     assert [c.config.per_rank_batch_size for c in load_matrix(write_matrix(base % "per_rank")).cells] == [96, 96]

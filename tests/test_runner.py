@@ -70,13 +70,14 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(write_matrix, tmp_path
 
 
 def test_failures_are_recorded_and_the_matrix_goes_on(write_matrix, tmp_path, capsys):
-    path = write_matrix("""
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # there, so validation passes, but empty
+    path = write_matrix(f"""
         name: failing
-        base: {model: tiny_cnn, dataset: synthetic, num_samples: 64, image_size: 8, batch_size: 16,
-               steps: 6, warmup_steps: 1}
+        base: {{model: tiny_cnn, dataset: synthetic, num_samples: 64, image_size: 8, batch_size: 16,
+               steps: 6, warmup_steps: 1, data_dir: '{tmp_path / "data"}'}}
         design: one_at_a_time
         axes:
-          dataset: [synthetic, cifar10]      # cifar10 is not on disk and download is off: error
+          dataset: [synthetic, cifar10]      # cifar10's files are missing and download is off: error
           time_limit_s: [600, 1]             # 1 s is less than start-up: timeout
           memory_limit_mb: [null, 1]         # 1 MiB more than start-up: oom
         """)

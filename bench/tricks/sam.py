@@ -8,6 +8,8 @@ No library ships SAM, hence this small hand-written version.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -38,8 +40,8 @@ class SAM(Trick):
     def parse(cls, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{value!r} is not null or a radius rho > 0")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{value!r} is not null or a finite radius rho > 0")
         return float(value)
 
     @classmethod

@@ -93,3 +93,53 @@ def test_parse_accepts():
     assert EMA.parse(None) is None
     assert EMA.parse(0.999) == 0.999
     assert not EMA.is_active(None) and EMA.is_active(0.9)
+
+
+def test_parse_accepts_warmup_mapping_and_canonicalises():
+    assert EMA.parse({"decay": 0.99, "warmup": True}) == {"decay": 0.99, "warmup": True}
+    assert EMA.parse({"decay": 0.99, "warmup": False}) == 0.99  # same cell as plain `ema: 0.99`
+    assert EMA.parse({"decay": 0.99}) == 0.99
+    for bad in ({"decay": 1.0, "warmup": True}, {"warmup": True}, {"decay": 0.9, "warmup": "yes"}, {"decy": 0.9}):
+        with pytest.raises(ValueError):
+            EMA.parse(bad)
+
+
+def averages(value, weights):
+    """The averaged weight after each update, for a one-weight model set to each of ``weights``."""
+    model = nn.Linear(1, 1, bias=False).double()
+    ema = EMA(EMA.parse(value))
+    ema.setup(RunContext(device=torch.device("cpu"), model=model, optimizer=None, config=None))
+    seen = []
+    for w in weights:
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.after_step()
+        seen.append(ema.averaged.module.weight.item())
+    return seen
+
+
+def test_warmup_decay_matches_hand_computation():
+    """min(d, (1+t)/(10+t)) with t the updates before this one; the first update copies.
+    By hand, weights 1, 2, 4, 8 and d = 0.9:
+      t=1: d=2/11  -> 2/11*1 + 9/11*2       = 20/11
+      t=2: d=3/12  -> 1/4*20/11 + 3/4*4     = 38/11
+      t=3: d=4/13  -> 4/13*38/11 + 9/13*8   = 944/143"""
+    assert averages({"decay": 0.9, "warmup": True}, [1, 2, 4, 8]) == pytest.approx([1, 20 / 11, 38 / 11, 944 / 143])
+    # without warm-up the constant decay: 1, 0.9+0.2, 0.99+0.4, 1.251+0.8
+    assert averages(0.9, [1, 2, 4, 8]) == pytest.approx([1, 1.1, 1.39, 2.051])
+
+
+def test_warmup_decay_reaches_the_configured_decay():
+    from bench.tricks.ema import ema_decay
+
+    assert ema_decay(0.9, 79, warmup=True) == pytest.approx(80 / 89)
+    assert ema_decay(0.9, 80, warmup=True) == pytest.approx(0.9)  # (1+80)/(10+80) = 0.9
+    assert ema_decay(0.9, 10_000, warmup=True) == 0.9
+    assert ema_decay(0.9, 0, warmup=False) == 0.9
+
+
+def test_advice_when_the_average_is_longer_than_the_run():
+    assert "averages over ~1000 steps but the run has 100" in EMA.advise(0.999, None, 100)
+    assert EMA.advise(0.999, None, 1000) is None
+    assert EMA.advise({"decay": 0.999, "warmup": True}, None, 100) is None  # warm-up forgets the start
+    assert EMA.advise(None, None, 1) is None
