@@ -19,7 +19,7 @@ import numpy as np
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 MIB = 2 ** 20
-MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer_state", "activations", "other", "buffers")
+MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer_state", "trick_state", "activations", "other", "buffers")
 Row = dict[str, Any]
 
 
