@@ -249,9 +249,9 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         if step and step % steps_per_epoch == 0:  # the previous epoch is complete: its curve point
             recorder.end_epoch(step // steps_per_epoch - 1, evaluator)
         timed = step > flops_at
-        with recorder.fetching(timed):
+        with recorder.fetching(timed):  # a timed step's wait for data counts against throughput
             batch = next(batches)
-        if step == memory_at:
+        if step == memory_at:  # real training steps, but slowed by instrumentation: off every clock
             with recorder.untimed():
                 loss, memory = memory_step(run, batch)
         elif step == flops_at:
@@ -260,7 +260,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         elif timed:
             with recorder.timed_step():
                 loss = run.step(batch)
-        else:
+        else:  # warm-up: allocator, autotuning and lazy state, timed only as warmup_time_s
             with recorder.warmup_step():
                 loss = run.step(batch)
         scheduler.step()
