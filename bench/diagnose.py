@@ -48,21 +48,21 @@ def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, 
 
     from bench.train import make_step, prepare_run
 
-    device = torch.device(config.device)
-    splits, model, optimizer, tricks = prepare_run(config, seed, device)
-    loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
+    run = prepare_run(config, seed, torch.device(config.device))
+    loader = DataLoader(run.splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
-    layers: list[dict[str, Any]] = []
-    for step, (inputs, targets) in zip(range(steps), _cycle(loader)):
-        fns = make_step(model, optimizer, tricks, (inputs.to(device), targets.to(device)))
-        fns.compute_grads()
-        if step == steps - 1:
-            layers = [{"layer": name.removesuffix(".weight"), "mean_abs_grad": p.grad.abs().mean().item(),
-                       "max_abs_grad": p.grad.abs().max().item()}
-                      for name, p in model.named_parameters() if p.grad is not None and p.ndim > 1]
-        fns.apply_update()
-        for trick in tricks:
-            trick.after_step()
+    batches = ((x.to(run.device), y.to(run.device)) for x, y in _cycle(loader))
+    for _, batch in zip(range(steps - 1), batches):
+        run.step(batch)
+    # The last step by hand: the gradients are read between computing and applying them.
+    fns = make_step(run.model, run.optimizer, run.tricks, next(batches))
+    fns.compute_grads()
+    layers = [{"layer": name.removesuffix(".weight"), "mean_abs_grad": p.grad.abs().mean().item(),
+               "max_abs_grad": p.grad.abs().max().item()}
+              for name, p in run.model.named_parameters() if p.grad is not None and p.ndim > 1]
+    fns.apply_update()
+    for trick in run.tricks:
+        trick.after_step()
     return layers
 
 

@@ -27,7 +27,7 @@ MIN_EFFECT = 0.02  # the smallest relative change a mark may claim (gate 2)
 MIN_RUNS = 3  # per group: below it a comparison says "too few runs to call" (validated by `trickbench aa`)
 LOAD_HEADROOM = 1.25  # load average above this × the cores = competing load (see ran_under_load)
 MIB = 2 ** 20
-MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer_state", "activations", "other", "buffers")
+MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer_state", "trick_state", "activations", "other", "buffers")
 Row = dict[str, Any]
 
 

@@ -2,16 +2,16 @@
 
 One run = one (cell, seed), in its own process (one per rank with world_size > 1: the same loop
 runs on every rank, and ``bench.distributed`` makes its few collectives no-ops in one process).
-Steps are optimizer steps. The first
-``warmup_steps`` are untimed (allocator, autotuning, lazy init); the next step runs once under
-memory/FLOP tracking; the rest are timed. Evaluation runs between epochs, outside timing.
+Steps are optimizer steps. The first ``warmup_steps`` are untimed (allocator, autotuning, lazy
+init); the next one runs under memory tracking and the one after under FLOP counting, each a
+real training step measured on its own and kept off every clock; the rest are timed.
+Evaluation runs between epochs, outside timing.
 """
 from __future__ import annotations
 
 import contextlib
 import random
-import statistics
-import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -19,23 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench import distributed
-from bench.config import TrainConfig
-from bench.data import build_dataset
-from bench.measure import StepClock, measure_step_memory, peak_rss_bytes, peak_tflops, synchronize
+from bench.config import TrainConfig, min_total_steps
+from bench.data import DatasetSplits, build_dataset
+from bench.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, synchronize
+from bench.memory import track_step_memory
 from bench.models import build_model
 from bench.schedules import build_scheduler
 from bench.spec import Batch, RunContext, StepFns, Trick
 from bench.tricks import TRICKS
 
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"non-finite training loss at step {step}")
-        self.step = step
+__all__ = ["Diverged", "Run", "build_tricks", "make_step", "prepare_run", "run_step", "train"]
 
 
 def seed_everything(seed: int) -> None:
@@ -57,9 +53,17 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick],
-              batch: Batch) -> StepFns:
-    """One optimizer step on ``batch`` as composed by the tricks."""
+def unchanged(step: StepFns) -> StepFns:
+    return step
+
+
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick], batch: Batch,
+              instrument: Callable[[StepFns], StepFns] = unchanged) -> StepFns:
+    """One optimizer step on ``batch`` as composed by the tricks.
+
+    ``instrument`` sees the loop's own step before any trick wraps it (the memory tracker uses
+    it to tell the loop's allocations from the tricks').
+    """
     micro_batches = [batch]
     for trick in tricks:
         micro_batches = [mb for b in micro_batches for mb in trick.split_batch(b)]
@@ -82,14 +86,16 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[T
                 loss.backward()
         return total
 
-    step = StepFns(compute_grads, optimizer.step)
+    step = instrument(StepFns(compute_grads, optimizer.step))
     for trick in tricks:
         step = trick.wrap_step(step)
     return step
 
 
-def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick], batch: Batch) -> torch.Tensor:
-    step = make_step(model, optimizer, tricks, batch)
+def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick], batch: Batch,
+             instrument: Callable[[StepFns], StepFns] = unchanged) -> torch.Tensor:
+    """One optimizer step and the tricks' bookkeeping after it; the batch's mean loss."""
+    step = make_step(model, optimizer, tricks, batch, instrument)
     loss = step.compute_grads()
     step.apply_update()
     for trick in tricks:
@@ -121,17 +127,51 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, tricks:
     return result
 
 
-def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[int, Batch]]:
-    """(epoch, batch) forever, reshuffling each epoch."""
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)  # the epoch's permutation, the same on every rank
-        for inputs, targets in loader:
-            yield epoch, (inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-        epoch += 1
+@dataclass
+class Run:
+    """The pieces of one run, built by :func:`prepare_run`, and its composed training step."""
+
+    config: TrainConfig
+    device: torch.device
+    splits: DatasetSplits
+    model: nn.Module  # as the loop calls it: possibly a DDP wrapper
+    optimizer: torch.optim.Optimizer
+    tricks: list[Trick]
+
+    def step(self, batch: Batch, instrument: Callable[[StepFns], StepFns] = unchanged) -> torch.Tensor:
+        return run_step(self.model, self.optimizer, self.tricks, batch, instrument)
+
+    def train_loader(self, seed: int) -> DataLoader:
+        """This rank's 1/W of every epoch's permutation (all of it in one process).
+
+        With batch_scaling global, W ranks then train on the batches of one process, as sets of
+        samples. Every epoch has exactly ``len(loader)`` batches (both drop the last partial one).
+        """
+        sampler = DistributedSampler(self.splits.train, num_replicas=distributed.world_size(),
+                                     rank=distributed.rank(), shuffle=True, seed=seed, drop_last=True)
+        loader = DataLoader(self.splits.train, batch_size=self.config.per_rank_batch_size, sampler=sampler,
+                            drop_last=True, num_workers=self.config.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        if len(loader) == 0:
+            raise ValueError(f"per-rank batch size {self.config.per_rank_batch_size} exceeds the {len(sampler)} "
+                             f"training samples of each of {distributed.world_size()} ranks")
+        return loader
+
+    def evaluator(self) -> Callable[[], dict[str, float]] | None:
+        """Accuracy of the model the tricks evaluate (EMA weights, the module inside DDP), or None
+        when accuracy means nothing (random labels). Once, by rank 0; the other ranks wait."""
+        if not self.splits.accuracy_meaningful:
+            return None
+        model = self.model
+        for trick in self.tricks:
+            model = trick.eval_model(model)
+        loader = DataLoader(self.splits.test, batch_size=self.config.eval_batch_size)
+        num_classes = self.splits.num_classes
+        return lambda: distributed.on_rank0(lambda: {
+            f"accuracy_{k}": v for k, v in evaluate(model, loader, self.device, self.tricks, num_classes).items()})
 
 
-def prepare_run(config: TrainConfig, seed: int, device: torch.device):
+def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
     """Seeded dataset, model, optimizer and set-up tricks of one run, in the order tricks expect."""
     # Per rank, so ranks draw different augmentations and dropout masks; the initial weights are
     # rank 0's on every rank (DDP broadcasts them), the data order comes from the sampler's seed.
@@ -146,171 +186,112 @@ def prepare_run(config: TrainConfig, seed: int, device: torch.device):
     optimizer = build_optimizer(config, model)
     for trick in tricks:
         trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
-    return splits, model, optimizer, tricks
+    return Run(config, device, splits, model, optimizer, tricks)
+
+
+def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[Batch]:
+    """Batches forever, reshuffling each epoch."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)  # the epoch's permutation, the same on every rank
+        for inputs, targets in loader:
+            yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        epoch += 1
+
+
+def memory_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One training step under memory tracking: its loss and the memory metrics."""
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    # Freed first thing in the step anyway; so every gradient of the peak is allocated in it.
+    run.optimizer.zero_grad(set_to_none=True)
+    with track_step_memory(run.model, run.optimizer, run.tricks, batch, run.device) as ledger:
+        loss = run.step(batch, instrument=ledger.instrument)
+    synchronize(run.device)
+    report = ledger.report()
+    metrics: dict[str, Any] = {"peak_memory_bytes": report.peak_memory_bytes, "memory_breakdown": report.breakdown}
+    if cuda:
+        allocated = torch.cuda.max_memory_allocated(run.device)
+        metrics.update(cuda_max_allocated_bytes=allocated,
+                       cuda_max_reserved_bytes=torch.cuda.max_memory_reserved(run.device),
+                       # workspaces, allocator rounding, anything on the device outside the run
+                       cuda_untracked_bytes=allocated - report.peak_memory_bytes)
+    return loss, metrics
+
+
+def flop_step(run: Run, batch: Batch) -> tuple[torch.Tensor, int]:
+    """One training step under FlopCounterMode (its module hooks hold on to recomputed
+    activations, so it never shares a step with memory tracking): its loss and FLOPs."""
+    with FlopCounterMode(display=False) as counter:
+        loss = run.step(batch)
+    return loss, counter.get_total_flops()
 
 
 def train(config: TrainConfig, seed: int, device: torch.device,
           on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     """Train one run and return its metrics (the measured part of a results row)."""
-    started = time.perf_counter()
-    splits, model, optimizer, tricks = prepare_run(config, seed, device)
-
-    # Each rank reads its 1/W of every epoch's permutation (all of it in one process). With
-    # batch_scaling global, W ranks then train on the batches of one process, as sets of samples.
-    sampler = DistributedSampler(splits.train, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                 shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(splits.train, batch_size=config.per_rank_batch_size, sampler=sampler, drop_last=True,
-                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise ValueError(f"per-rank batch size {config.per_rank_batch_size} exceeds the {len(sampler)} training "
-                         f"samples of each of {distributed.world_size()} ranks")
-    total_steps = config.steps or config.epochs * len(loader)
-    memory_step = config.warmup_steps  # the step measured under tracking
-    if total_steps < memory_step + 2:
-        raise ValueError(f"{total_steps} steps leave none to time after {config.warmup_steps} warm-up "
-                         f"steps and 1 memory step; train longer")
-    scheduler = build_scheduler(config.lr_schedule, optimizer, total_steps, config.lr_warmup_steps)
-    eval_loader = DataLoader(splits.test, batch_size=config.eval_batch_size)
-    eval_model = model
-    for trick in tricks:
-        eval_model = trick.eval_model(eval_model)
-
-    clock = StepClock(device)
-    losses: list[torch.Tensor] = []
-    data_wait_s = 0.0
-    timed_wall_s = 0.0
-    window_start: float | None = None
-    curve: list[dict[str, Any]] = []
-    warmup_time_s = 0.0
-    eval_s = 0.0
-    memory = None
-    cuda_peaks: dict[str, int] = {}
+    recorder = RunRecorder(device)
+    run = prepare_run(config, seed, device)
+    loader = run.train_loader(seed)
+    steps_per_epoch = len(loader)
+    total_steps = config.steps or config.epochs * steps_per_epoch
+    memory_at, flops_at = config.warmup_steps, config.warmup_steps + 1
+    if total_steps < min_total_steps(config.warmup_steps):  # refused at validation; the loop relies on it
+        raise ValueError(f"{total_steps} steps leave none to time after {config.warmup_steps} warm-up steps, "
+                         f"1 memory step and 1 FLOP step; train longer")
+    scheduler = build_scheduler(config.lr_schedule, run.optimizer, total_steps, config.lr_warmup_steps)
+    evaluator = run.evaluator()
     batches = endless_batches(loader, device)
-    epoch_of_step = 0
 
-    # Windows open and close at a barrier: the wall time of a window is then the slowest rank's.
-    def close_window() -> None:
-        nonlocal timed_wall_s, window_start
-        if window_start is not None:
-            synchronize(device)
-            distributed.barrier()
-            clock.collect()
-            timed_wall_s += time.perf_counter() - window_start
-            window_start = None
-
-    def end_epoch(epoch: int, step: int) -> None:
-        nonlocal eval_s
-        close_window()
-        check_finite(losses)
-        losses_this = torch.stack(losses[-len(loader):]).float()
-        # train_time_s: time spent training so far, evaluation excluded (for time-to-target).
-        point = {"epoch": epoch + 1, "step": step, "train_loss": distributed.mean(losses_this.mean().item()),
-                 "train_time_s": time.perf_counter() - started - eval_s}
-        if splits.accuracy_meaningful:
-            eval_started = time.perf_counter()
-            # Once, on the whole test split, by rank 0; the other ranks wait for its result.
-            point.update(distributed.on_rank0(lambda: {
-                f"accuracy_{k}": v for k, v in evaluate(eval_model, eval_loader, device, tricks,
-                                                        splits.num_classes).items()}))
-            eval_s += time.perf_counter() - eval_started
-        curve.append(point)
-
-    def check_finite(values: list[torch.Tensor]) -> None:
-        finite = torch.isfinite(torch.stack(values))
-        if not finite.all():
-            raise Diverged(int((~finite).nonzero()[0]))
-
-    def open_window() -> None:
-        nonlocal window_start
-        synchronize(device)
-        distributed.barrier()
-        window_start = time.perf_counter()
-
+    recorder.start_training()
     for step in range(total_steps):
-        timed = step > memory_step
-        if timed and window_start is None:
-            open_window()
-        wait = time.perf_counter()
-        epoch, batch = next(batches)
-        waited = time.perf_counter() - wait
-        if epoch != epoch_of_step:  # first batch of a new epoch: close the last one, evaluate
-            end_epoch(epoch_of_step, step)
-            epoch_of_step = epoch
-            if timed:
-                open_window()
-        if timed:
-            data_wait_s += waited
-
-        if step == memory_step:
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with measure_step_memory(model, optimizer) as memory:
-                loss = run_step(model, optimizer, tricks, batch)
-            synchronize(device)
-            if device.type == "cuda":
-                cuda_peaks = {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
-                              "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+        if step and step % steps_per_epoch == 0:  # the previous epoch is complete: its curve point
+            recorder.end_epoch(step // steps_per_epoch - 1, evaluator)
+        timed = step > flops_at
+        with recorder.fetching(timed):  # a timed step's wait for data counts against throughput
+            batch = next(batches)
+        if step == memory_at:  # real training steps, but slowed by instrumentation: off every clock
+            with recorder.untimed():
+                loss, memory = memory_step(run, batch)
+        elif step == flops_at:
+            with recorder.untimed():
+                loss, flops_per_step = flop_step(run, batch)
         elif timed:
-            t0 = clock.start()
-            loss = run_step(model, optimizer, tricks, batch)
-            clock.stop(t0)
-        else:
-            t0 = time.perf_counter()
-            loss = run_step(model, optimizer, tricks, batch)
-            synchronize(device)
-            warmup_time_s += time.perf_counter() - t0
+            with recorder.timed_step():
+                loss = run.step(batch)
+        else:  # warm-up: allocator, autotuning and lazy state, timed only as warmup_time_s
+            with recorder.warmup_step():
+                loss = run.step(batch)
         scheduler.step()
-        losses.append(loss)
-        if step % 50 == 49:
-            check_finite(losses)
+        recorder.add_loss(loss)
         on_progress(step + 1, total_steps)
-    end_epoch(epoch_of_step, total_steps)
+    recorder.end_epoch((total_steps - 1) // steps_per_epoch, evaluator)  # possibly a partial epoch
     on_progress(total_steps, total_steps)
 
-    durations_ms = [d * 1e3 for d in clock.durations_s]
-    timed_steps = len(durations_ms)
-    samples = timed_steps * config.per_rank_batch_size * distributed.world_size()  # global
-    data_stall_fraction = data_wait_s / timed_wall_s
-    timed_wall_s = max(distributed.gather(timed_wall_s))  # the slowest rank's
-    peaks = distributed.gather(memory.peak_memory_bytes)
-    every_rank_cuda_peaks = distributed.gather(cuda_peaks)
-    cuda_peaks = {k: max(p[k] for p in every_rank_cuda_peaks) for k in cuda_peaks}
-    q = statistics.quantiles(durations_ms, n=10) if timed_steps >= 2 else [durations_ms[0]] * 9
-    compute_s = sum(clock.durations_s)
-    achieved_tflops = memory.flops_per_step / (compute_s / timed_steps) / 1e12
+    metrics = recorder.summary(global_batch_size=config.per_rank_batch_size * distributed.world_size())
+    achieved_tflops = flops_per_step / recorder.mean_step_s() / 1e12
     peak, peak_source = peak_tflops(device, config.tricks["precision"])
-    final = curve[-1]
-    target = config.target_accuracy
-    reached = [] if target is None else [
-        p["train_time_s"] for p in curve if p.get("accuracy_top1") is not None and p["accuracy_top1"] >= target]
-    tail = torch.stack(losses[-min(10, len(losses)):]).float()
-    metrics: dict[str, Any] = {
-        "steps": total_steps,
-        "timed_steps": timed_steps,
-        "throughput_samples_per_s": samples / timed_wall_s,
-        "step_time_ms_median": statistics.median(durations_ms),
-        "step_time_ms_p10": q[0],
-        "step_time_ms_p90": q[8],
-        "step_times_ms": [round(d, 4) for d in durations_ms],
-        "data_stall_fraction": data_stall_fraction,
-        "warmup_time_s": warmup_time_s,
-        "world_size": distributed.world_size(),
-        "peak_memory_bytes": max(peaks),  # the largest rank's: what each device must hold
-        "peak_memory_bytes_per_rank": peaks,
-        "memory_breakdown": memory.breakdown,
-        "flops_per_step": memory.flops_per_step,
-        "achieved_tflops": achieved_tflops,
-        "peak_tflops": peak,
-        "peak_tflops_source": peak_source,
-        "mfu": achieved_tflops / peak,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "accuracy_top1": final.get("accuracy_top1"),
-        "accuracy_top5": final.get("accuracy_top5"),
-        "final_train_loss": distributed.mean(tail.mean().item()),
-        "time_to_target_s": reached[0] if reached else None,
-        "curve": curve,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    metrics.update(cuda_peaks)
+    metrics.update(
+        world_size=distributed.world_size(),
+        flops_per_step=flops_per_step,
+        achieved_tflops=achieved_tflops,
+        peak_tflops=peak,
+        peak_tflops_source=peak_source,
+        mfu=achieved_tflops / peak,
+        peak_rss_bytes=peak_rss_bytes(),
+        time_to_target_s=recorder.time_to_target_s(config.target_accuracy),
+        **every_rank_memory(memory),
+    )
     return metrics
+
+
+def every_rank_memory(memory: dict[str, Any]) -> dict[str, Any]:
+    """This rank's memory metrics, with the peaks the largest rank's: what each device must hold."""
+    ranks = distributed.gather(memory)
+    peaks = [m["peak_memory_bytes"] for m in ranks]
+    combined = {**memory, "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks}
+    for key in ("cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "cuda_untracked_bytes"):
+        if key in memory:
+            combined[key] = max(m[key] for m in ranks)
+    return combined

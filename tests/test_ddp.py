@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from bench.cli import main
 from bench.config import ConfigError, build_train_config, load_matrix
 from bench.distributed import threads_per_rank, unwrap
+from bench.memory import track_step_memory
 from bench.results import read_rows
 from bench.runner import WORKER, worker_command
 from bench.spec import RunContext, Trick
@@ -83,11 +84,32 @@ def train_steps(world_size: int, tricks_values: dict, rank: int = 0) -> dict:
             "ema": [p.detach().clone() for p in ema[0].averaged.module.parameters()] if ema else None}
 
 
+def tracked_step_memory(rank: int) -> dict:
+    """The breakdown of a DDP step tracked after STEPS steps (DDP has rebuilt its buckets by then)."""
+    config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": 10, "batch_size": BATCH,
+                                 "world_size": WORLD}, "test")
+    model = bn_free_net()
+    tricks = build_tricks(config)
+    for trick in tricks:
+        model = trick.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for trick in tricks:
+        trick.setup(RunContext(torch.device("cpu"), model, optimizer, config))
+    share = BATCH // WORLD
+    data = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in batches()]
+    for batch in data:
+        run_step(model, optimizer, tricks, batch)
+    with track_step_memory(model, optimizer, tricks, data[0], torch.device("cpu")) as ledger:
+        run_step(model, optimizer, tricks, data[0], instrument=ledger.instrument)
+    return {"breakdown": ledger.report().breakdown, "param_bytes": sum(p.nbytes for p in model.parameters())}
+
+
 def ddp_worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        torch.save({name: train_steps(WORLD, values, rank) for name, values in CASES.items()}, f"{out}/rank{rank}.pt")
+        results = {name: train_steps(WORLD, values, rank) for name, values in CASES.items()}
+        torch.save({**results, "memory": tracked_step_memory(rank)}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -158,6 +180,14 @@ def test_sam_perturbs_each_rank_with_its_own_gradient(ranks):
             for p, w0, u in zip(params, w, update):
                 p.copy_(w0 - LR * u)
     assert_close(ranks[0]["sam"]["params"], [p.detach() for p in params])
+
+
+def test_ddp_gradient_buckets_count_as_trick_state(ranks):
+    """DDP's buckets live in C++ (no Python object holds them); the tracker finds them when the
+    step first writes to them, and counts them from the start of the step."""
+    for rank in ranks:
+        memory = rank["memory"]
+        assert memory["breakdown"]["trick_state"] >= memory["param_bytes"]  # one bucket slot per parameter
 
 
 def test_ema_weights_are_identical_on_every_rank(ranks):

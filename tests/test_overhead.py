@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.config import build_train_config
 from bench.measure import StepClock
 from bench.models import build_model
-from bench.spec import RunContext
-from bench.train import build_tricks, run_step
-from bench.config import build_train_config
+from bench.train import Run, prepare_run
 
 BATCH = (torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)))
 
@@ -21,6 +20,14 @@ def fresh():
     torch.manual_seed(0)
     model = build_model("tiny_cnn", num_classes=10)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def harness_run() -> Run:
+    """The run the harness builds for this model (precision fp32: the trick every run carries)."""
+    config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "num_samples": 64, "image_size": 16,
+                                 "steps": 10, "optimizer": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}},
+                                "bench")
+    return prepare_run(config, seed=0, device=torch.device("cpu"))
 
 
 @pytest.mark.benchmark(group="step overhead: tiny_cnn, batch 64, 16x16, fp32")
@@ -40,18 +47,14 @@ def test_plain_pytorch_step(benchmark):
 
 @pytest.mark.benchmark(group="step overhead: tiny_cnn, batch 64, 16x16, fp32")
 def test_harness_step(benchmark):
-    model, optimizer = fresh()
-    config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": 10}, "bench")
-    tricks = build_tricks(config)  # precision fp32: the trick every run carries
-    for trick in tricks:
-        trick.setup(RunContext(torch.device("cpu"), model, optimizer, config))
-    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    run = harness_run()
+    scheduler = torch.optim.lr_scheduler.ConstantLR(run.optimizer, factor=1.0, total_iters=0)
     clock = StepClock(torch.device("cpu"))
     losses = []
 
     def step():  # what bench.train.train does per timed step
         started = clock.start()
-        loss = run_step(model, optimizer, tricks, BATCH)
+        loss = run.step(BATCH)
         clock.stop(started)
         scheduler.step()
         losses.append(loss)
@@ -67,11 +70,7 @@ def test_interleaved_harness_over_plain(benchmark):
     import time
 
     plain_model, plain_opt = fresh()
-    model, optimizer = fresh()
-    config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": 10}, "bench")
-    tricks = build_tricks(config)
-    for trick in tricks:
-        trick.setup(RunContext(torch.device("cpu"), model, optimizer, config))
+    run = harness_run()
     inputs, targets = BATCH
 
     def plain():
@@ -80,7 +79,7 @@ def test_interleaved_harness_over_plain(benchmark):
         plain_opt.step()
 
     def harness():
-        run_step(model, optimizer, tricks, BATCH)
+        run.step(BATCH)
 
     def both(rounds=100):
         times = {plain: [], harness: []}

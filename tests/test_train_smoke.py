@@ -56,7 +56,7 @@ def assert_sane(metrics: dict) -> None:
     assert math.isfinite(metrics["final_train_loss"])
     assert metrics["throughput_samples_per_s"] > 0
     assert metrics["peak_memory_bytes"] > 0
-    assert len(metrics["step_times_ms"]) == STEPS - WARMUP - 1
+    assert len(metrics["step_times_ms"]) == STEPS - WARMUP - 2  # less the memory and FLOP steps
     assert metrics["steps"] == STEPS
     assert metrics["curve"] and all(math.isfinite(p["train_loss"]) for p in metrics["curve"])
 
