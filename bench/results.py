@@ -147,6 +147,24 @@ def row_problem(row: Any) -> Optional[str]:
                 return problem
     if row["status"] not in STATUSES:
         return f"status {_clip(repr(row['status']), 40)} is not one of {', '.join(STATUSES)}"
+    return _content_problem(row)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def _content_problem(row: Row) -> Optional[str]:
+    """Inside the containers a report computes with: lists of numbers, dicts of numbers."""
+    if not all(_is_number(v) for v in row.get("step_times_ms") or []):
+        return "field 'step_times_ms' holds a value that is not a number"
+    if not all(isinstance(p, dict) for p in row.get("curve") or []):
+        return "field 'curve' holds a point that is not an object"
+    if not all(v is None or _is_number(v) for v in (row.get("memory_breakdown") or {}).values()):
+        return "field 'memory_breakdown' holds a value that is not a number"
+    world_size = (row.get("config") or {}).get("world_size", 1)
+    if not (isinstance(world_size, int) and not isinstance(world_size, bool)):
+        return "field 'config.world_size' is not an integer"
     return None
 
 
@@ -209,14 +227,15 @@ def open_for_writing(path: Path, flags: int) -> int:
         raise _store_error(path, err) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise StoreError(f"{path} is not a regular file; remove it or choose another --out")
+        raise StoreError(f"{path} is not a regular file; remove it")
     return fd
 
 
 def _store_error(path: Path, err: OSError) -> StoreError:
-    if os.path.islink(path):
-        return StoreError(f"{path} is a symbolic link; trickbench does not write through links "
-                          "(remove it or choose another --out)")
+    try:
+        refuse_link(path)
+    except StoreError as refused:
+        return refused
     return StoreError(f"{path}: cannot write: {err.strerror}")
 
 
@@ -227,10 +246,9 @@ def refuse_link(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(mode):
-        raise StoreError(f"{path} is a symbolic link; trickbench does not write through links "
-                         "(remove it or choose another --out)")
+        raise StoreError(f"{path} is a symbolic link; trickbench does not write through links: remove the link")
     if not stat.S_ISREG(mode):
-        raise StoreError(f"{path} is not a regular file; remove it or choose another --out")
+        raise StoreError(f"{path} is not a regular file; remove it")
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

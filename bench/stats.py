@@ -164,11 +164,17 @@ def cell_label(axes: dict[str, Any], baseline: dict[str, Any]) -> str:
     return ", ".join(changed) or "baseline"
 
 
-def group_cells(rows: list[Row]) -> list[Row]:
-    """One entry per cell_id in first-appearance order (baseline first), ok and failed rows apart."""
-    baseline = rows[0]["axes"]
+def group_cells(rows: list[Row], baseline_cell_id: str | None = None) -> list[Row]:
+    """One entry per cell_id, baseline first, then in first-appearance order; ok and failed rows apart.
+
+    The baseline is ``baseline_cell_id`` (from ``matrix.json``) when given and present in the rows,
+    else the cell of the first row.
+    """
+    ids = [r["cell_id"] for r in rows]
+    base_id = baseline_cell_id if baseline_cell_id in ids else rows[0]["cell_id"]
+    baseline = rows[ids.index(base_id)]["axes"]
     cells: dict[str, Row] = {}
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r["cell_id"] != base_id):  # stable: baseline's rows first
         cell = cells.setdefault(row["cell_id"], {"cell_id": row["cell_id"], "axes": row["axes"], "ok": [],
                                                  "failed": [], "label": cell_label(row["axes"], baseline)})
         cell["ok" if row.get("status") == "ok" else "failed"].append(row)
@@ -207,9 +213,9 @@ def cell_stats(cell: Row, base: Row) -> Row:
     }
 
 
-def all_cell_stats(rows: list[Row]) -> list[Row]:
+def all_cell_stats(rows: list[Row], baseline_cell_id: str | None = None) -> list[Row]:
     """:func:`cell_stats` of every cell, baseline first, with its :func:`scaling_efficiency`."""
-    cells = group_cells(rows)
+    cells = group_cells(rows, baseline_cell_id)
     scaling = scaling_efficiency(rows)
     return [{**cell_stats(cell, cells[0]), "world_size": scaling.get(cell["cell_id"], (math.nan,) * 2)[0],
              "scaling_efficiency": scaling.get(cell["cell_id"], (math.nan,) * 2)[1]} for cell in cells]
