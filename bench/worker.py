@@ -92,7 +92,7 @@ def limit_memory(extra_mb: int) -> None:
 
 
 def injected_fault() -> Callable[[int], None]:
-    """Test-only fault injection, for tests/test_ddp.py: TRICKBENCH_FAULT=raise@R (or hang@R)
+    """Test-only fault injection, for tests/test_ddp.py and tests/test_signals.py: TRICKBENCH_FAULT=raise@R (or hang@R)
     makes rank R raise (or hang) after its first step. Unset, as in every real run: a no-op."""
     kind, _, at = os.environ.get("TRICKBENCH_FAULT", "").partition("@")
     if not kind or int(at) != distributed.rank():
