@@ -239,15 +239,18 @@ def load_results(out_dir: Path, warn: bool = True) -> StoredResults:
     """The rows of ``out_dir/cells.jsonl`` restricted to ``matrix.json``'s cells and seeds;
     FileNotFoundError naming the path when there are no rows."""
     path = Path(out_dir) / ROWS_FILE
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"no results to report: {out_dir} is not a folder")
     if not path.is_file():
-        raise FileNotFoundError(f"no results to report: {path} does not exist (run `trickbench run` first)")
+        what = "is not a regular file" if os.path.lexists(path) else "does not exist (run `trickbench run` first)"
+        raise FileNotFoundError(f"no results to report: {path} {what}")
     rows = read_rows(path, warn=warn)
     try:
         record = read_matrix_record(out_dir)
     except StoreError as err:
         if warn:
-            print_warning(f"{err}; reporting every row with the baseline inferred")
-        record = None
+            print_warning(f"{err}; reporting every row, baseline = the cell of the first row")
+        return StoredResults(list(latest_runs(rows).values()), rows, None, None)
     if record is None:
         if warn and rows:
             print_warning(f"{out_dir}: no {MATRIX_FILE} (results of an older trickbench): baseline = the "
@@ -363,7 +366,7 @@ def write_index(results_dir: Path) -> Path:
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise FileNotFoundError(f"no results folder: {results_dir} does not exist")
+        raise FileNotFoundError(f"no results folder: {results_dir} is not a folder")
     table, sections = [], []
     for rows_path in sorted(results_dir.rglob(ROWS_FILE)):
         try:
