@@ -65,7 +65,9 @@ def termination_as_exception() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise Terminated(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal already ignored stays ignored: under nohup, a closed terminal must not stop the run.
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
