@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from bench.config import MAX_CELLS, ConfigError, load_matrix
+from bench.results import StoreError
 from bench.safeyaml import shorten
 
 FAULT_VALUE = re.compile(r"(raise|hang)@\d{1,6}")  # bench.worker.injected_fault's format
@@ -84,7 +85,7 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.runner import OutputBusy, run_matrix
+    from bench.runner import Terminated, run_matrix
 
     matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
                          max_cells=None if args.yes else MAX_CELLS)
@@ -102,15 +103,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {cell.cell_id}  {cell.label()}")
         return 0
     try:
-        rows = run_matrix(matrix, out_dir, fresh=args.fresh)
-    except OutputBusy as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    failed = [r for r in rows if r["status"] != "ok"]
-    print(f"done: {len(rows) - len(failed)} ok, {len(failed)} failed; rows in {out_dir / 'cells.jsonl'}")
+        outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed)
+    except Terminated as stopped:
+        print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        return 128 + stopped.signum
+    return summarize(outcome, out_dir)
+
+
+def summarize(outcome, out_dir: Path) -> int:
+    """Print the state of the whole matrix, not only of this invocation; 1 if any run stands failed."""
+    failed = outcome.failed
+    ok = len(outcome.standing) - len(failed)
+    missing = outcome.total - len(outcome.standing)
+    print(f"done: {ok} ok, {len(failed)} failed" + (f", {missing} not run" if missing else "")
+          + f" of {outcome.total} runs in the matrix ({len(outcome.written)} run now); rows in {out_dir / 'cells.jsonl'}")
     for row in failed:
         print(f"  {row['status']}: cell {row['cell_id']} seed {row['seed']}: {row['error']}")
-    return 1 if failed else 0
+    return 1 if failed or missing else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the expanded cells, run nothing")
     run.add_argument("--fresh", action="store_true", help="start over; previous rows are moved aside, not deleted")
     run.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS} cells")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="run failed runs again (new rows; the newest row of a run counts)")
     run.set_defaults(func=cmd_run)
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment()
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. an --out the checks could not foresee (procfs), a missing dataset

@@ -20,7 +20,6 @@ from bench.registry import did_you_mean
 from bench.safeyaml import MatrixYAMLError, load_yaml, shorten
 from bench.schedules import SCHEDULES
 
-SCHEMA_VERSION = 1
 DESIGNS = ["one_at_a_time", "full_factorial"]
 OPTIMIZERS = ["sgd", "adamw"]
 DEVICES = ["auto", "cpu", "cuda"]

@@ -4,7 +4,9 @@ Pure functions of ``cells.jsonl``: nothing here trains or measures, so a report 
 any time, also while a run is still appending rows. The numbers come from :mod:`bench.stats`
 (which also documents how the baseline is found); this module only formats and draws them. The
 design is inferred from the rows: one_at_a_time when no cell differs from the baseline in more
-than one axis.
+than one axis, unless the folder's ``matrix.json`` records it (and the baseline, and which cells
+belong to the matrix: rows of cells or seeds it does not list are left out). The newest row of a
+(cell, seed) counts, so a failure retried with ``run --retry-failed`` is replaced by the retry.
 
 Heavy libraries (pandas, matplotlib, seaborn, scipy) are imported where used: the CLI imports
 this module for ``add_cli`` and every command would otherwise pay for them at start-up.
@@ -12,16 +14,23 @@ this module for ``add_cli`` and every command would otherwise pay for them at st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import stat
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from bench.figures import write_figures
+from bench.results import (CSV_FILE, MATRIX_FILE, ROWS_FILE, StoreError, latest_runs, print_warning,
+                           read_matrix_record, read_rows, refuse_link, write_atomic, write_csv)
 from bench.stats import (LOAD_HEADROOM, MIN_EFFECT, MIN_RUNS, Comparison, Row, all_cell_stats, axis_key,
                          axis_values, excludes, infer_design, mean_where, ran_under_load, too_few_note)
 
 REPORT_FILE = "report.md"
+INFERRED = "inferred from the cells' axes"
 FIGURES_DIR = "figures"
 MACHINE_FIELDS = ("hostname", "device_name")
 LIBRARY_FIELDS = ("torch", "torchvision", "cuda", "harness_version")
@@ -263,30 +272,76 @@ def environment_section(rows: list[Row]) -> list[str]:
 
 # --- the report and the index --------------------------------------------------------------------------
 
-def load_rows(out_dir: Path) -> list[Row]:
-    """The rows of ``out_dir/cells.jsonl``; FileNotFoundError naming the path when it is missing."""
-    from bench.results import ROWS_FILE, read_rows
+@dataclass
+class StoredResults:
+    """What a report is built from: the standing rows of the recorded matrix, and its baseline."""
 
+    rows: list[Row]  # the newest row of each (cell, seed), in the matrix's cell order when recorded
+    all_rows: list[Row]  # every usable row of cells.jsonl (for results.csv)
+    baseline_cell_id: Optional[str]  # None: no matrix.json, the first row's cell is the baseline
+    design: Optional[str]  # None: inferred from the cells' axes
+
+
+def load_results(out_dir: Path, warn: bool = True) -> StoredResults:
+    """The rows of ``out_dir/cells.jsonl`` restricted to ``matrix.json``'s cells and seeds;
+    FileNotFoundError naming the path when there are no rows."""
     path = Path(out_dir) / ROWS_FILE
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"no results to report: {out_dir} is not a folder")
     if not path.is_file():
-        raise FileNotFoundError(f"no results to report: {path} does not exist (run `trickbench run` first)")
-    return read_rows(path)
+        what = "is not a regular file" if os.path.lexists(path) else "does not exist (run `trickbench run` first)"
+        raise FileNotFoundError(f"no results to report: {path} {what}")
+    rows = read_rows(path, warn=warn)
+    try:
+        record = read_matrix_record(out_dir)
+    except StoreError as err:
+        if warn:
+            print_warning(f"{err}; reporting every row, baseline = the cell of the first row")
+        return StoredResults(list(latest_runs(rows).values()), rows, None, None)
+    if record is None:
+        if warn and rows:
+            print_warning(f"{out_dir}: no {MATRIX_FILE} (results of an older trickbench): baseline = the "
+                          "cell of the first row, design inferred")
+        return StoredResults(list(latest_runs(rows).values()), rows, None, None)
+    order = {c["cell_id"]: i for i, c in enumerate(record["cells"])}
+    seeds = set(record["seeds"])
+    kept = [r for r in rows if r["cell_id"] in order and r["seed"] in seeds]
+    if warn and len(kept) < len(rows):
+        print_warning(f"{path}: {len(rows) - len(kept)} rows of cells or seeds not in {MATRIX_FILE} left out")
+    standing = sorted(latest_runs(kept).values(), key=lambda r: order[r["cell_id"]])
+    return StoredResults(standing, rows, record["baseline_cell_id"], record["design"])
+
+
+def load_rows(out_dir: Path) -> list[Row]:
+    """The standing rows of ``out_dir`` (see :func:`load_results`)."""
+    return load_results(out_dir).rows
+
+
+def refuse_linked_figures(folder: Path) -> None:
+    """StoreError if ``figures/`` or a file in it is a link: figures are written by matplotlib,
+    which opens paths the ordinary way."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise StoreError(f"{folder} is not a folder (or is a symbolic link); remove it")
+        for entry in os.scandir(folder):
+            refuse_link(Path(entry.path))
 
 
 def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str],
-                  baseline_named: bool = False) -> str:
-    """The markdown text of a report; ``figures`` are file names under ``figures/``. ``baseline_named``:
-    the caller chose stats[0] as the baseline (from matrix.json) rather than the first row written."""
-    design = infer_design(stats)
+                  design: Optional[str] = None) -> str:
+    """The markdown text of a report; ``figures`` are file names under ``figures/``; ``design``
+    as recorded in matrix.json (None: inferred, and the baseline is the first row's cell)."""
+    recorded = design is not None
+    design = design or infer_design(stats)
     ok = sum(r.get("status") == "ok" for r in rows)
     matrices = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows))
     base_axes = ", ".join(f"{k}={axis_key(v)}" for k, v in stats[0]["axes"].items())
-    origin = "the matrix's baseline cell" if baseline_named else "the cell of the first row written"
     lines = [f"# Report: {matrices}", "",
              f"{len(rows)} runs ({ok} ok, {len(rows) - ok} failed) of {len(stats)} cells × "
-             f"{len({r['seed'] for r in rows})} seeds; design {design} (inferred from the cells' axes).", "",
-             f"Baseline: {origin} ({base_axes}); other cells are named by the axis values in which they "
-             "differ from it.", ""]
+             f"{len({r['seed'] for r in rows})} seeds; design {design} "
+             f"({'from matrix.json' if recorded else INFERRED}).", "",
+             f"Baseline: {'the first cell of the matrix' if recorded else 'the cell of the first row written'} "
+             f"({base_axes}); other cells are named by the axis values in which they differ from it.", ""]
     if not stats[0]["n_ok"]:
         lines += ["**The baseline has no successful run: no comparisons are possible.**", ""]
     lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, "",
@@ -300,23 +355,21 @@ def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def build_report(out_dir: Path, baseline_cell_id: str | None = None) -> Path:
-    """Read ``out_dir/cells.jsonl``; write ``report.md``, ``figures/*.png`` and ``results.csv``.
-
-    ``baseline_cell_id``: the baseline cell (from matrix.json); None = the cell of the first row.
-    """
-    from bench.results import CSV_FILE, write_csv
-
+def build_report(out_dir: Path) -> Path:
+    """Read ``out_dir/cells.jsonl``; write ``report.md``, ``figures/*.png`` and ``results.csv``."""
     out_dir = Path(out_dir)
-    rows = load_rows(out_dir)
+    results = load_results(out_dir)
     report = out_dir / REPORT_FILE
-    if not rows:
-        report.write_text("# Report\n\nNo complete rows in cells.jsonl yet.\n", encoding="utf-8")
+    for path in (report, out_dir / CSV_FILE):
+        refuse_link(path)
+    refuse_linked_figures(out_dir / FIGURES_DIR)
+    if not results.rows:
+        write_atomic(report, "# Report\n\nNo complete rows in cells.jsonl yet.\n")
         return report
-    stats = all_cell_stats(rows, baseline_cell_id)
-    figures, notes = write_figures(stats, infer_design(stats), out_dir / FIGURES_DIR)
-    report.write_text(render_report(rows, stats, figures, notes, baseline_cell_id is not None), encoding="utf-8")
-    write_csv(rows, out_dir / CSV_FILE)
+    stats = all_cell_stats(results.rows, results.baseline_cell_id)
+    figures, notes = write_figures(stats, results.design or infer_design(stats), out_dir / FIGURES_DIR)
+    write_atomic(report, render_report(results.rows, stats, figures, notes, results.design))
+    write_csv(results.all_rows, out_dir / CSV_FILE)
     return report
 
 
@@ -357,36 +410,48 @@ def write_index(results_dir: Path) -> Path:
     """``results_dir/README.md``: every folder holding a cells.jsonl, its counts, device and findings.
 
     A folder whose report is missing or older than its rows gets its report rebuilt first, so
-    every link in the index points at a report of the current rows.
+    every link in the index points at a report of the current rows. A folder that cannot be
+    read or reported is left out with a warning; the others are still indexed.
     """
-    from bench.results import ROWS_FILE, read_rows
-
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise FileNotFoundError(f"no results folder: {results_dir} does not exist")
+        raise FileNotFoundError(f"no results folder: {results_dir} is not a folder")
     table, sections = [], []
     for rows_path in sorted(results_dir.rglob(ROWS_FILE)):
-        folder, report = rows_path.parent, rows_path.parent / REPORT_FILE
-        if not report.exists() or report.stat().st_mtime < rows_path.stat().st_mtime:
-            build_report(folder)
-        rows = read_rows(rows_path, warn=False)
-        link = report.relative_to(results_dir).as_posix()
-        name = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows)) or folder.name
-        failed = Counter(r.get("status") for r in rows if r.get("status") != "ok")
-        devices = ", ".join(dict.fromkeys(str(r["env"].get("device_name")) for r in rows if r.get("env"))) or "—"
-        table.append([f"[{name}]({link})", f"{len(rows) - sum(failed.values())} ok / {sum(failed.values())} failed"
-                      + (f" ({', '.join(f'{k} {n}' for k, n in failed.items())})" if failed else ""), devices])
-        findings = headline_findings(all_cell_stats(rows)) if rows else ["no rows yet"]
-        sections += [f"## [{name}]({link})", "", f"`{folder.relative_to(results_dir).as_posix() or '.'}` on {devices}",
-                     "", *[f"- {f}" for f in findings], ""]
+        try:
+            row, section = index_entry(results_dir, rows_path)
+        except (StoreError, OSError, ValueError) as err:
+            print_warning(f"{rows_path.parent}: left out of the index: {err}")
+            continue
+        table.append(row)
+        sections += section
     lines = ["# Results index", ""]
     if not table:
         lines.append("No results yet.")
     else:
         lines += [md_table(["matrix", "runs", "device"], table, numeric=False), "", *sections]
     index = results_dir / "README.md"
-    index.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    write_atomic(index, "\n".join(lines).rstrip() + "\n")
     return index
+
+
+def index_entry(results_dir: Path, rows_path: Path) -> tuple[list[str], list[str]]:
+    """One folder's line in the index table and its section of findings."""
+    folder, report = rows_path.parent, rows_path.parent / REPORT_FILE
+    stale = not report.exists() or report.stat().st_mtime < rows_path.stat().st_mtime
+    if stale:
+        build_report(folder)  # warns about skipped rows itself
+    results = load_results(folder, warn=not stale)
+    rows = results.rows
+    link = report.relative_to(results_dir).as_posix()
+    name = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows)) or folder.name
+    failed = Counter(r.get("status") for r in rows if r.get("status") != "ok")
+    devices = ", ".join(dict.fromkeys(str(r["env"].get("device_name")) for r in rows if r.get("env"))) or "—"
+    row = [f"[{name}]({link})", f"{len(rows) - sum(failed.values())} ok / {sum(failed.values())} failed"
+           + (f" ({', '.join(f'{k} {n}' for k, n in failed.items())})" if failed else ""), devices]
+    findings = headline_findings(all_cell_stats(rows, results.baseline_cell_id)) if rows else ["no rows yet"]
+    return row, [f"## [{name}]({link})", "", f"`{folder.relative_to(results_dir).as_posix() or '.'}` on {devices}",
+                 "", *[f"- {f}" for f in findings], ""]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

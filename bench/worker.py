@@ -10,9 +10,11 @@ exits non-zero, so that torchrun stops the ranks still waiting for it in a colle
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,9 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from bench import distributed
-from bench.config import SCHEMA_VERSION, TrainConfig
+from bench import distributed, lifeline
+from bench.config import TrainConfig
 from bench.measure import environment
+from bench.results import RunRecord, write_atomic
 from bench.train import Diverged, train
 
 
@@ -45,8 +48,12 @@ class StepProgress:
 
 # How allocation failures read when a CPU run hits its address-space cap: PyTorch's CPU
 # allocator, oneDNN (which cannot build a kernel without scratch memory), and C++ new.
+# A shared library that cannot be mapped under the cap fails its import the same way.
 CPU_ALLOCATION_FAILURES = ("can't allocate memory", "could not create a primitive", "bad_alloc",
-                           "Cannot allocate memory")
+                           "Cannot allocate memory", "failed to map segment")
+# Imported lazily by some datasets; under an address-space cap their import fails or, for
+# OpenBLAS (scipy's), spins at 100% CPU retrying its thread buffers. Loaded before the cap.
+LAZY_LIBRARIES = ("sklearn.datasets", "sklearn.model_selection")
 
 
 def classify(error: BaseException) -> str:
@@ -59,12 +66,25 @@ def classify(error: BaseException) -> str:
     return "error"
 
 
+def load_before_cap() -> None:
+    """Import and start what a run would otherwise load under its memory cap: the lazily imported
+    libraries, and torch's intra-op thread pool (each thread maps its stack)."""
+    for name in LAZY_LIBRARIES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    torch.ones(256, 256) @ torch.ones(256, 256)
+
+
 def limit_memory(extra_mb: int) -> None:
     """Cap this process's address space at what it maps now plus ``extra_mb``.
 
     Relative to the current size because the CUDA build of torch maps gigabytes of address
-    space at import; an absolute cap would measure the libraries, not the run.
+    space at import; an absolute cap would measure the libraries, not the run. Everything the
+    run imports is loaded first, so the cap applies to the run, not to the libraries.
     """
+    load_before_cap()
     pages = int(Path("/proc/self/statm").read_text().split()[0])
     current = pages * resource.getpagesize()
     cap = current + extra_mb * 2**20
@@ -72,7 +92,7 @@ def limit_memory(extra_mb: int) -> None:
 
 
 def injected_fault() -> Callable[[int], None]:
-    """Test-only fault injection, for tests/test_ddp.py: TRICKBENCH_FAULT=raise@R (or hang@R)
+    """Test-only fault injection, for tests/test_ddp.py and tests/test_signals.py: TRICKBENCH_FAULT=raise@R (or hang@R)
     makes rank R raise (or hang) after its first step. Unset, as in every real run: a no-op."""
     kind, _, at = os.environ.get("TRICKBENCH_FAULT", "").partition("@")
     if not kind or int(at) != distributed.rank():
@@ -86,14 +106,23 @@ def injected_fault() -> Callable[[int], None]:
     return fault
 
 
+def describe(error: BaseException, status: str, config: TrainConfig, step: int) -> str:
+    """The row's error text: the exception's last line, and what to do when a cap stopped the start."""
+    last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+    text = f"{where}{type(error).__name__}: {last_line}"
+    if status == "oom" and step == 0 and config.memory_limit_mb is not None:
+        text = (f"memory_limit_mb={config.memory_limit_mb} is too small to start the run (data, model and "
+                f"first step must fit); {text}")
+    return text
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (cell, seed) and return its row; every failure inside the run is a row too."""
     config = TrainConfig.from_dict(job["config"], file="<job>")
     device = distributed.rank_device(config.device)
-    row: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "matrix": job["matrix"], "cell_id": job["cell_id"],
-        "seed": job["seed"], "axes": job["axes"], "config": job["config"],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    record = RunRecord.for_job(job)
+    record.env = environment(device)  # before the memory cap: it starts git
     progress = StepProgress()
     fault = injected_fault()
 
@@ -101,24 +130,27 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         progress(done, total)
         fault(done)
 
+    record.start()
+    started = time.perf_counter()
     try:
         if config.memory_limit_mb is not None and device.type == "cpu":
             limit_memory(config.memory_limit_mb)
-        metrics = train(config, job["seed"], device, on_progress=on_progress)
-        row.update(status="ok", error=None, failed_at_step=None, **metrics)
+        record.metrics = train(config, job["seed"], device, on_progress=on_progress)
     except Exception as error:  # noqa: BLE001 - every failure becomes data
-        last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         step = error.step if isinstance(error, Diverged) else progress.step
-        where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
-        row.update(status=classify(error), error=f"{where}{type(error).__name__}: {last_line}", failed_at_step=step)
-    row["env"] = environment(device)
-    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return row
+        status = classify(error)
+        record.fail(status, describe(error, status, config, step), failed_at_step=step)
+    record.finish(time.perf_counter() - started)
+    return record.to_row()
 
 
 def main(argv: list[str]) -> int:
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text())
+    # Exit with the parent (the runner, or torchrun for a rank), even one killed by SIGKILL.
+    lifeline.die_with_parent(signal.SIGKILL)
+    single = job["config"].get("world_size", 1) == 1  # else the parent is torchrun, not the runner
+    lifeline.watch_parent(job.get("runner_pid") if single else None)
     if job["config"].get("deterministic"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at init
     with distributed.process_group(distributed.rank_device(job["config"]["device"])):
@@ -129,9 +161,7 @@ def main(argv: list[str]) -> int:
             if not failed:
                 return 0
             out = out.with_name(f"{out.name}.rank{distributed.rank()}")
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(row, default=str))
-        tmp.replace(out)  # atomic: the parent sees a whole row or none
+        write_atomic(out, json.dumps(row, default=str))  # the parent sees a whole row or none
         if failed and distributed.world_size() > 1:
             raise SystemExit(1)  # skips the group's teardown; torchrun stops the other ranks
     return 0

@@ -133,13 +133,21 @@ def test_old_rows_without_load_fields_report_unknown(built):
 
 
 def test_explicit_baseline_cell(no_figures, tmp_path):
-    folder = write_rows(tmp_path, toy_rows())
-    text = build_report(folder, baseline_cell_id="bf16").read_text()
-    assert 'Baseline: the matrix\'s baseline cell (precision="bf16", checkpointing=false)' in text
+    rows = toy_rows()
+    folder = write_rows(tmp_path, rows)
+    cells = ["bf16"] + [c for c in dict.fromkeys(r["cell_id"] for r in rows) if c != "bf16"]
+    axes = {r["cell_id"]: r["axes"] for r in rows}
+    record = {"schema_version": 2, "name": "toy", "source_file": "toy.yaml", "design": "one_at_a_time",
+              "axes": {}, "seeds": sorted({r["seed"] for r in rows}), "baseline_cell_id": "bf16",
+              "cells": [{"cell_id": c, "axes": axes[c]} for c in cells]}
+    (folder / "matrix.json").write_text(json.dumps(record))
+    text = build_report(folder).read_text()
+    assert 'Baseline: the first cell of the matrix (precision="bf16", checkpointing=false)' in text
     base = table_line(text, 'precision="fp32"').split(" | ")
     fp32, bf16 = np.log([95.0, 100.0, 105.0]), np.log([190.0, 200.0, 210.0])
     ci = scipy_stats.ttest_ind(fp32, bf16, equal_var=False).confidence_interval(0.95)
     assert base[8] == f"0.50× [{np.exp(ci.low):.2f}, {np.exp(ci.high):.2f}]"  # fp32, now measured against bf16
+    (folder / "matrix.json").unlink()
     assert "Baseline: the cell of the first row written" in build_report(folder).read_text()
 
 

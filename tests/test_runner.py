@@ -16,7 +16,7 @@ from tests.conftest import TINY_MATRIX
 
 REQUIRED = ["schema_version", "matrix", "cell_id", "seed", "axes", "config", "status",
             "throughput_samples_per_s", "step_time_ms_median", "peak_memory_bytes", "accuracy_top1",
-            "final_train_loss", "wall_time_s", "env"]
+            "final_train_loss", "wall_time_s", "env", "load_avg_1m_start", "load_avg_1m_end"]
 
 
 def keys(rows):
@@ -33,6 +33,7 @@ def test_run_writes_one_row_per_cell_and_seed(write_matrix, tmp_path):
     for row in rows:
         assert all(k in row for k in REQUIRED), [k for k in REQUIRED if k not in row]
         assert row["status"] == "ok" and row["accuracy_top1"] is None  # synthetic: no accuracy
+        assert row["schema_version"] == 2 and row["load_avg_1m_start"] >= 0 and row["load_avg_1m_end"] >= 0
         assert row["env"]["torch"] and row["env"]["device"] == "cpu"
     assert (out / "results.csv").read_text().count("\n") == len(rows) + 1
 
@@ -92,6 +93,23 @@ def test_failures_are_recorded_and_the_matrix_goes_on(write_matrix, tmp_path, ca
     cifar = next(r for r in rows.values() if r["axes"]["dataset"] == "cifar10")
     assert cifar["status"] == "error" and "download" in cifar["error"]
     assert "1 ok, 3 failed" in capsys.readouterr().out
+    oom = next(r for r in rows.values() if r["status"] == "oom")
+    assert "memory_limit_mb=1 is too small to start the run" in oom["error"] and oom["failed_at_step"] == 0
+
+
+def test_a_memory_cap_just_above_the_libraries_ends_the_run_instead_of_spinning(write_matrix, tmp_path):
+    """digits imports scikit-learn (and scipy's OpenBLAS) lazily; under a cap that import used to spin
+    at 100% CPU until the time limit. Libraries now load before the cap, so the run ends either way."""
+    path = write_matrix("""
+        name: capped
+        base: {model: tiny_cnn, dataset: digits, image_size: 8, batch_size: 16, steps: 6, warmup_steps: 1,
+               memory_limit_mb: 60, time_limit_s: 90}
+        axes: {accumulation: [1]}
+        """)
+    out = tmp_path / "out"
+    main(["run", str(path), "--out", str(out)])
+    [row] = read_rows(out / "cells.jsonl")
+    assert row["status"] in ("ok", "oom"), row["error"]
 
 def test_a_child_that_dies_silently_is_recorded(write_matrix, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "WORKER", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
@@ -100,6 +118,7 @@ def test_a_child_that_dies_silently_is_recorded(write_matrix, tmp_path, monkeypa
     rows = read_rows(out / "cells.jsonl")
     assert len(rows) == 4
     assert all(r["status"] == "error" and "SIGSEGV" in r["error"] for r in rows)
+    assert all(r["schema_version"] == 2 and r["load_avg_1m_end"] is not None and r["wall_time_s"] > 0 for r in rows)
 
 
 def test_divergence_is_a_status_with_its_step(monkeypatch):
