@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
-    from bench import diagnose, report
+    from bench import baseline, diagnose, report
 
     report.add_cli(sub)  # report DIR, index RESULTS_DIR
     diagnose.add_cli(sub)
+    baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     return parser
 
 
