@@ -141,8 +141,8 @@ def test_another_machine_makes_timing_not_comparable_but_still_gates_exact_count
 
 def test_runs_of_one_cell_on_two_machines_are_never_timing_comparable():
     mixed = rows()
-    mixed[0]["env"]["cpu_model"] = "CPU B"  # a folder resumed elsewhere
-    _, by = verdicts(mixed, rows())
+    mixed[0]["env"]["cpu_model"] = "CPU B"  # a folder resumed elsewhere, on both sides
+    _, by = verdicts(mixed, mixed)
     assert by[(mixed[0]["cell_id"], "step_time_ms_median")].verdict == cmp.NOT_COMPARABLE
 
 
