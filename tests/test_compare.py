@@ -207,3 +207,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, make_
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_update_changes_only_the_lines_that_moved(tmp_path, capsys):
+    path = tmp_path / "base.json"
+    document = baseline_document(cmp.cells_from_rows(rows()), "m", "cmd")
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    before = path.read_text().splitlines()
+    new = write_rows(tmp_path / "new", rows(cells=("c1", "c2", "c3"), flops_per_step=1500))
+    assert main(["baseline", "update", str(path), str(new)]) == 0
+    after = path.read_text().splitlines()
+    removed = [line for line in before if line not in after]
+    assert removed == ['        "flops_per_step": 1000,'] * 2
+    assert main(["compare", str(path), str(new)]) == 0  # the updated baseline accepts the new rows
+    assert main(["baseline", "update", str(path), str(new)]) == 0
+    assert "unchanged" in capsys.readouterr().out and path.read_text().splitlines() == after
