@@ -238,7 +238,7 @@ def judge_exact(metric: Metric, base: dict[str, float], new: dict[str, float], s
     worst, seed = max(deviations)
     b, n = base[seed], new[seed]
     shown_b, shown_n = _fmt(b), _fmt(n)
-    change = "0" if b == n else (f"{n - b:+,}" if float(b).is_integer() and float(n).is_integer()
+    change = "0" if b == n else (f"{int(n - b):+,}" if float(b).is_integer() and float(n).is_integer()
                                  else f"{(n - b) / abs(b):+.3%}" if b else f"{n - b:+.3g}")
     if worst <= tolerance:
         return Verdict("", "", metric.name, metric.tier, PASS, shown_b, shown_n, change)
@@ -357,6 +357,8 @@ def compare_cells(base: dict[str, CellRecord], new: dict[str, CellRecord], polic
         if b is None:
             verdicts.append(Verdict(cell_id, label, CELL, "", NEW, note="not in the baseline"))
             continue
+        if n.failed and not b.failed:  # some seeds fail now: a run that diverges is a regression
+            verdicts.append(Verdict(cell_id, label, CELL, "", MISSING, fails=True, note="; ".join(n.failed)))
         for metric in METRICS:
             verdict = judge_metric(metric, b, n, policy)
             if verdict is not None:

@@ -111,6 +111,10 @@ def test_missing_new_and_failed_cells():
     found, by = verdicts(rows(), failed)
     assert by[("c2", cmp.CELL)].verdict == cmp.MISSING and "oom" in by[("c2", cmp.CELL)].note
     assert cmp.exit_code(found) == 1
+    one_seed_diverged = [dict(r, status="diverged", error="non-finite loss") if r["seed"] == 2 else r for r in rows()]
+    found, by = verdicts(rows(), one_seed_diverged)
+    assert by[("c1", cmp.CELL)].verdict == cmp.MISSING and "diverged seed=2" in by[("c1", cmp.CELL)].note
+    assert by[("c1", "flops_per_step")].verdict == cmp.PASS and cmp.exit_code(found) == 1
     found, by = verdicts(rows(cells=("c1",)), rows())
     assert by[("c2", cmp.CELL)].verdict == cmp.NEW and cmp.exit_code(found) == 0
     found, by = verdicts(rows(), rows(cells=("c1",)))
