@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from bench.compare import (BASELINE_FORMAT, CELL, IMPROVED, METRICS, MISSING, NEW, NOT_COMPARABLE,
                            REGRESSED, BadInput, CellRecord, Policy, compare_cells, exit_code, load_side,
-                           to_json, to_markdown)
+                           stale_reason, to_json, to_markdown)
 
 FORMAT_VERSION = 1
 MOVED = (REGRESSED, IMPROVED, NEW, MISSING)  # verdicts that make `baseline update` rewrite a value
@@ -163,13 +163,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return emit(compare_cells(base, new, policy), args.base, args.new, args)
 
 
+def _recorded_by(path: str) -> str:
+    if Path(path).suffix == ".json":
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("recorded_by", "trickbench baseline record")
+    return "trickbench baseline record MATRIX -o FILE"
+
+
 @one_line_errors
 def cmd_check(args: argparse.Namespace) -> int:
     _check_writable(args.markdown, args.json)
     policy = _policy(args)
     base = load_side(args.baseline)  # a missing or broken baseline stops us before any run
     new, new_name = load_source(args.matrix, args.profile, args.out)
-    code = emit(compare_cells(base, new, policy), args.baseline, new_name, args)
+    verdicts = compare_cells(base, new, policy)
+    code = emit(verdicts, args.baseline, new_name, args)
+    if reason := stale_reason(verdicts):
+        print(f"error: {args.baseline}: no exact counter is comparable ({reason}); "
+              f"re-record the baseline: {_recorded_by(args.baseline)}", file=sys.stderr)
+        return 2
     if code:
         print(f"to accept these numbers: trickbench baseline update {args.baseline} {new_name}", file=sys.stderr)
     return code

@@ -367,6 +367,15 @@ def compare_cells(base: dict[str, CellRecord], new: dict[str, CellRecord], polic
     return verdicts
 
 
+def stale_reason(verdicts: list[Verdict]) -> str | None:
+    """Why no exact counter could be compared at all (another torch, schema or device), if so:
+    then a check would pass without gating anything, so the baseline must be re-recorded."""
+    exact = [v for v in verdicts if v.tier == "exact"]
+    if exact and all(v.verdict == NOT_COMPARABLE for v in exact):
+        return exact[0].note
+    return None
+
+
 def exit_code(verdicts: list[Verdict]) -> int:
     return 1 if any(v.fails for v in verdicts) else 0
 

@@ -226,3 +226,13 @@ def test_cli_update_changes_only_the_lines_that_moved(tmp_path, capsys):
     assert main(["compare", str(path), str(new)]) == 0  # the updated baseline accepts the new rows
     assert main(["baseline", "update", str(path), str(new)]) == 0
     assert "unchanged" in capsys.readouterr().out and path.read_text().splitlines() == after
+
+
+def test_check_against_a_baseline_of_another_torch_says_re_record_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "base.json"
+    document = baseline_document(cmp.cells_from_rows(rows(**{"env.torch": "2.13.0"})), "m", "trickbench baseline record m.yaml -o base.json")
+    path.write_text(json.dumps(document))
+    new = write_rows(tmp_path / "new", rows(flops_per_step=9999))  # would fail if it were compared
+    assert main(["check", str(new), "--baseline", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch: 2.13.0 → 2.14.1" in err[0] and "trickbench baseline record m.yaml" in err[0]
