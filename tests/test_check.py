@@ -54,7 +54,7 @@ def broken(scratch):
 
     def edit(relative: str, old: str, new: str) -> None:
         path = root / "bench" / relative
-        text = originals.setdefault(path, path.read_text())
+        originals.setdefault(path, path.read_text())
         assert path.read_text().count(old) == 1, f"{relative}: the code to mutate moved: {old!r}"
         path.write_text(path.read_text().replace(old, new))
 
