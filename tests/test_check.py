@@ -19,7 +19,7 @@ import bench
 MATRIX = """
 name: mut
 base: {model: tiny_cnn, dataset: synthetic, num_samples: 64, image_size: 8, batch_size: 16,
-       steps: 2, warmup_steps: 0}
+       steps: 3, warmup_steps: 0}
 seeds: [0]
 axes:
   checkpointing: [false, true]

@@ -15,7 +15,7 @@ STEP_MS = {0: 20.0, 1: 21.0, 2: 19.5}  # run-level medians: a few % apart, as on
 
 def row(cell="c1", seed=0, **changes):
     """A finished run's row; ``changes`` override top-level keys (dotted: nested ones)."""
-    r = {"schema_version": 1, "cell_id": cell, "seed": seed, "axes": {"sam": None if cell == "c1" else 0.05},
+    r = {"schema_version": 2, "matrix": "toy", "cell_id": cell, "seed": seed, "axes": {"sam": None if cell == "c1" else 0.05},
          "status": "ok", "error": None, "flops_per_step": 1000, "peak_memory_bytes": 5000,
          "memory_breakdown": {"parameters": 1000, "activations": 3000, "other": 1000}, "steps": 8,
          "final_train_loss": 1.5 + seed / 10, "step_time_ms_median": STEP_MS[seed],

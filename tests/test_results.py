@@ -306,3 +306,18 @@ def test_a_fifo_for_cells_jsonl_is_refused_not_waited_on(tmp_path):
     os.mkfifo(path)
     with pytest.raises(Exception, match="not a regular file"):
         append_row(path, good_row())
+
+
+# --- the committed reference results --------------------------------------------------------------------
+
+REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@pytest.mark.parametrize("rows_file", sorted(REPO_RESULTS.glob("*/cells.jsonl")), ids=lambda p: p.parent.name)
+def test_committed_results_come_from_a_committed_tree(rows_file):
+    """Reference rows measured from uncommitted code cannot be reproduced from any commit."""
+    rows = read_rows(rows_file)
+    assert rows, f"{rows_file}: no usable rows"
+    dirty = [(r["cell_id"], r["seed"]) for r in rows if (r.get("env") or {}).get("git_dirty") is not False]
+    assert not dirty, f"{rows_file}: rows from a dirty or unknown tree: {dirty[:5]}"
+    assert all(r["schema_version"] == SCHEMA_VERSION for r in rows), f"{rows_file}: rows of an older schema"
