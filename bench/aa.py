@@ -14,6 +14,7 @@ same command again adds only the missing runs, then analyses all of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -171,13 +172,16 @@ def format_result(result: dict[str, Any]) -> str:
 def run_aa(matrix_path: Path, profile: str | None, out_dir: Path, runs: int) -> list[Row]:
     """Run the matrix's baseline cell with seeds 0..runs−1, each in its own process; resumable."""
     from bench.config import load_matrix
-    from bench.results import ROWS_FILE, append_row, end_torn_row, read_rows
+    from bench.results import MATRIX_FILE, ROWS_FILE, append_row, end_torn_row, matrix_record, read_rows
     from bench.runner import exclusive, run_in_child
 
     matrix = load_matrix(matrix_path, profile=profile)
     cell = matrix.cells[0]
     rows_path = out_dir / ROWS_FILE
     with exclusive(out_dir), tempfile.TemporaryDirectory(prefix="trickbench-aa-") as work:
+        # One cell, one seed per run: recorded so that `report`/`index` read the folder like any other.
+        aa_matrix = dataclasses.replace(matrix, seeds=tuple(range(runs)), cells=(cell,))
+        write_atomic(out_dir / MATRIX_FILE, json.dumps(matrix_record(aa_matrix), indent=1))
         end_torn_row(rows_path)
         done = {r["seed"] for r in read_rows(rows_path) if r["cell_id"] == cell.cell_id}
         for seed in (s for s in range(runs) if s not in done):
