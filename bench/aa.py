@@ -14,9 +14,9 @@ same command again adds only the missing runs, then analyses all of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +24,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from bench.cli import positive_int
+from bench.results import write_atomic
 from bench.stats import Row, clean, compare_runs, ran_under_load, run_step_ms
 
 # ~5 s per run on a 2-core CPU, most of it starting the interpreter and importing torch.
@@ -170,24 +172,24 @@ def format_result(result: dict[str, Any]) -> str:
 def run_aa(matrix_path: Path, profile: str | None, out_dir: Path, runs: int) -> list[Row]:
     """Run the matrix's baseline cell with seeds 0..runs−1, each in its own process; resumable."""
     from bench.config import load_matrix
-    from bench.results import ROWS_FILE, append_row, end_torn_row, read_rows
+    from bench.results import MATRIX_FILE, ROWS_FILE, append_row, end_torn_row, matrix_record, read_rows
     from bench.runner import exclusive, run_in_child
 
     matrix = load_matrix(matrix_path, profile=profile)
     cell = matrix.cells[0]
     rows_path = out_dir / ROWS_FILE
     with exclusive(out_dir), tempfile.TemporaryDirectory(prefix="trickbench-aa-") as work:
+        # One cell, one seed per run: recorded so that `report`/`index` read the folder like any other.
+        aa_matrix = dataclasses.replace(matrix, seeds=tuple(range(runs)), cells=(cell,))
+        write_atomic(out_dir / MATRIX_FILE, json.dumps(matrix_record(aa_matrix), indent=1))
         end_torn_row(rows_path)
         done = {r["seed"] for r in read_rows(rows_path) if r["cell_id"] == cell.cell_id}
         for seed in (s for s in range(runs) if s not in done):
-            load_start = os.getloadavg()[0]
             row = run_in_child(matrix, cell, seed, Path(work))
-            # Rows from a worker that records the load itself keep its values (taken closer to the run).
-            row.setdefault("load_avg_1m_start", load_start)
-            row.setdefault("load_avg_1m_end", os.getloadavg()[0])
             append_row(rows_path, row)
+            load = [row.get(f"load_avg_1m_{when}") for when in ("start", "end")]
             print(f"[{seed + 1:>3}/{runs}] {row['status']}: median step {run_step_ms(row) or math.nan:.2f} ms, "
-                  f"load {row['load_avg_1m_start']:.2f} → {row['load_avg_1m_end']:.2f}", flush=True)
+                  f"load {' → '.join('—' if v is None else f'{v:.2f}' for v in load)}", flush=True)
         return [r for r in read_rows(rows_path) if r["cell_id"] == cell.cell_id and r["seed"] < runs]
 
 
@@ -200,21 +202,15 @@ def _cmd_aa(args: argparse.Namespace) -> int:
     matrix_path = Path(args.matrix) if args.matrix else out_dir / "aa_matrix.yaml"
     if not args.matrix:  # a user's matrix is validated before anything is written
         out_dir.mkdir(parents=True, exist_ok=True)
-        matrix_path.write_text(DEFAULT_MATRIX)
+        write_atomic(matrix_path, DEFAULT_MATRIX)
     rows = run_aa(matrix_path, args.profile, out_dir, args.runs)
     result = analyse(rows, args.per_group, args.splits)
     result.update(matrix=str(matrix_path), profile=args.profile, runs_requested=args.runs)
-    (out_dir / "aa.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out_dir / "aa.json", json.dumps(result, indent=2))
     text = format_result(result)
-    (out_dir / "aa.md").write_text(text)
+    write_atomic(out_dir / "aa.md", text)
     print(text, end="")
     return 0
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
 
 
 def add_cli(subparsers: Any) -> None:
@@ -223,7 +219,7 @@ def add_cli(subparsers: Any) -> None:
     aa.add_argument("matrix", nargs="?", help="matrix YAML whose baseline cell is run (default: a ~5 s tiny_cnn run)")
     aa.add_argument("--profile", help="a profile of the matrix file")
     aa.add_argument("--out", default="results/aa", help="folder for cells.jsonl, aa.json and aa.md")
-    aa.add_argument("--runs", type=_positive, default=90, help="independent runs in all (default 90)")
-    aa.add_argument("--per-group", type=_positive, default=3, help="runs per 'cell' in one comparison (default 3)")
-    aa.add_argument("--splits", type=_positive, default=1000, help="random (dependent) splits (default 1000)")
+    aa.add_argument("--runs", type=positive_int, default=90, help="independent runs in all (default 90)")
+    aa.add_argument("--per-group", type=positive_int, default=3, help="runs per 'cell' in one comparison (default 3)")
+    aa.add_argument("--splits", type=positive_int, default=1000, help="random (dependent) splits (default 1000)")
     aa.set_defaults(func=_cmd_aa)

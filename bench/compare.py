@@ -24,13 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from bench.results import MEMORY_CATEGORIES
+from bench.stats import ALPHA, CONFIDENCE, MIN_RUNS, welch  # the report's rules, shared
+
 PASS, REGRESSED, IMPROVED, NOISE = "PASS", "REGRESSED", "IMPROVED", "~"
 NOT_COMPARABLE, NEW, MISSING = "NOT COMPARABLE", "NEW", "MISSING"
 CELL = "(cell)"  # the metric name of a verdict about a whole cell (missing, new, failed)
 MIXED = "<mixed>"  # a fingerprint value that differs between the runs of one cell
-MIN_RUNS = 3  # timing: fewer run-level samples a side tell nothing at ±30% noise
-ALPHA = 0.05
-CONFIDENCE = 0.95
 BASELINE_FORMAT = "trickbench-baseline"
 
 
@@ -48,17 +50,11 @@ class Metric:
     tolerance_across: float | None = None
 
 
-# The one list of judged metrics. A new counter (a memory_breakdown key) is one line here.
+# The one list of judged metrics (memory_breakdown's parts come from the row schema).
 METRICS: tuple[Metric, ...] = (
     Metric("flops_per_step", "exact", "lower"),
     Metric("peak_memory_bytes", "exact", "lower"),
-    Metric("memory_breakdown.parameters", "exact", "lower"),
-    Metric("memory_breakdown.buffers", "exact", "lower"),
-    Metric("memory_breakdown.optimizer_state", "exact", "lower"),
-    Metric("memory_breakdown.gradients", "exact", "lower"),
-    Metric("memory_breakdown.activations", "exact", "lower"),
-    Metric("memory_breakdown.trick_state", "exact", "lower"),
-    Metric("memory_breakdown.other", "exact", "lower"),
+    *(Metric(f"memory_breakdown.{part}", "exact", "lower") for part in MEMORY_CATEGORIES),
     Metric("steps", "exact", "lower"),  # optimizer steps of the run
     Metric("final_train_loss", "exact", "lower", 0.0, tolerance_across=1e-3),
     Metric("step_time_ms_median", "timing", "lower", 0.10),
@@ -259,12 +255,7 @@ def _relative(base: float, new: float) -> float:
 def log_welch_p(base: list[float], new: list[float]) -> float:
     """Two-sided Welch t-test on log values (a test of the ratio). With three runs a side a
     two-sided Mann–Whitney test cannot reach p < 0.1, so it could never flag anything."""
-    from scipy import stats
-
-    a, b = [math.log(v) for v in base], [math.log(v) for v in new]
-    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
-        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
-    return float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    return welch(np.log(base), np.log(new))[3]
 
 
 def judge_timing(metric: Metric, base: dict[str, float], new: dict[str, float], policy: Policy) -> Verdict:
@@ -290,16 +281,8 @@ def judge_timing(metric: Metric, base: dict[str, float], new: dict[str, float], 
 
 
 def welch_interval(base: list[float], new: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """mean(new) − mean(base) and its Welch t interval; degenerate (a point) with no spread."""
-    from scipy import stats
-
-    diff = statistics.fmean(new) - statistics.fmean(base)
-    va, vb = statistics.variance(base) / len(base), statistics.variance(new) / len(new)
-    if va + vb == 0:
-        return diff, diff, diff
-    df = (va + vb) ** 2 / (va ** 2 / (len(base) - 1) + vb ** 2 / (len(new) - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, df)) * math.sqrt(va + vb)
-    return diff, diff - half, diff + half
+    """mean(new) − mean(base) and its Welch t interval (:func:`bench.stats.welch`); a point with no spread."""
+    return welch(np.asarray(base, dtype=float), np.asarray(new, dtype=float), confidence)[:3]
 
 
 def judge_accuracy(metric: Metric, base: dict[str, float], new: dict[str, float]) -> Verdict:

@@ -61,7 +61,7 @@ class AdamWConfig:
     """torch.optim.AdamW (betas and eps at torch's defaults)."""
 
     name: str = "adamw"
-    lr: float = 0.1
+    lr: float = 0.001  # torch's default; SGD's 0.1 would diverge
     weight_decay: float = 0.0
 
 

@@ -35,18 +35,9 @@ from torch.nn.modules import module as module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench.results import MEMORY_CATEGORIES as CATEGORIES
 from bench.spec import Batch, StepFns, Trick
 
-# What each storage live at the peak is counted as (every storage is in exactly one):
-CATEGORIES = (
-    "parameters",       # the model's parameters
-    "buffers",          # the model's buffers (BatchNorm running statistics)
-    "gradients",        # storages that are some parameter's .grad
-    "optimizer_state",  # tensors in optimizer.state (momentum, Adam's moments)
-    "trick_state",      # held or allocated by trick code: EMA copy, SAM's saved weights, DDP buckets
-    "activations",      # allocated while a module's forward ran (incl. checkpoint recomputation)
-    "other",            # the batch; temporaries of the loss, backward and the optimizer step
-)
 
 
 @dataclass

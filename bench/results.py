@@ -21,6 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+# The parts of a row's memory_breakdown (bench/memory.py): what each storage live at the peak is
+# counted as, every storage in exactly one. Reports and `compare` take the list from here.
+MEMORY_CATEGORIES = (
+    "parameters",       # the model's parameters
+    "buffers",          # the model's buffers (BatchNorm running statistics)
+    "gradients",        # storages that are some parameter's .grad
+    "optimizer_state",  # tensors in optimizer.state (momentum, Adam's moments)
+    "trick_state",      # held or allocated by trick code: EMA copy, SAM's saved weights, DDP buckets
+    "activations",      # allocated while a module's forward ran (incl. checkpoint recomputation)
+    "other",            # the batch; temporaries of the loss, backward and the optimizer step
+)
+
+
 ROWS_FILE = "cells.jsonl"
 CSV_FILE = "results.csv"
 MATRIX_FILE = "matrix.json"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import distributed
-from bench.config import TrainConfig, min_total_steps
+from bench.config import MEASUREMENT_STEPS, TrainConfig, min_total_steps
 from bench.data import DatasetSplits, build_dataset
 from bench.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, synchronize
 from bench.memory import track_step_memory
@@ -236,10 +236,10 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     loader = run.train_loader(seed)
     steps_per_epoch = len(loader)
     total_steps = config.steps or config.epochs * steps_per_epoch
-    memory_at, flops_at = config.warmup_steps, config.warmup_steps + 1
+    memory_at, flops_at = config.warmup_steps, config.warmup_steps + 1  # the MEASUREMENT_STEPS
+    first_timed = config.warmup_steps + MEASUREMENT_STEPS
     if total_steps < min_total_steps(config.warmup_steps):  # refused at validation; the loop relies on it
-        raise ValueError(f"{total_steps} steps leave none to time after {config.warmup_steps} warm-up steps, "
-                         f"1 memory step and 1 FLOP step; train longer")
+        raise ValueError(f"{total_steps} steps leave none to time (need {min_total_steps(config.warmup_steps)})")
     scheduler = build_scheduler(config.lr_schedule, run.optimizer, total_steps, config.lr_warmup_steps)
     evaluator = run.evaluator()
     batches = endless_batches(loader, device)
@@ -248,7 +248,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     for step in range(total_steps):
         if step and step % steps_per_epoch == 0:  # the previous epoch is complete: its curve point
             recorder.end_epoch(step // steps_per_epoch - 1, evaluator)
-        timed = step > flops_at
+        timed = step >= first_timed
         with recorder.fetching(timed):  # a timed step's wait for data counts against throughput
             batch = next(batches)
         if step == memory_at:  # real training steps, but slowed by instrumentation: off every clock
