@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from bench.registry import did_you_mean
+from bench.results import clip
 from bench.safeyaml import MatrixYAMLError, load_yaml, shorten
 from bench.schedules import SCHEDULES
 
@@ -33,15 +34,11 @@ class ConfigError(Exception):
 
     def __init__(self, file: str | Path, key: str, message: str) -> None:
         self.file, self.key, self.message = str(file), key, message
-        where = f"{_cut(self.file, 100)}: {_cut(key, 100)}: " if key else f"{_cut(self.file, 100)}: "
-        super().__init__(_cut(where + message, MAX_ERROR_CHARS))
+        where = f"{clip(self.file, 100)}: {clip(key, 100)}: " if key else f"{clip(self.file, 100)}: "
+        super().__init__(clip(where + message, MAX_ERROR_CHARS))
 
 
 MAX_ERROR_CHARS = 290  # one readable line, whatever the input; values inside are shortened further
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -523,7 +520,7 @@ def resolve_device(requested: str, file: str, key: str) -> str:
 
 
 def _cell_key(point: dict[str, Any]) -> str:
-    return "axes (" + ", ".join(f"{k}={_cut(str(v), 40)}" for k, v in point.items()) + ")"
+    return "axes (" + ", ".join(f"{k}={clip(str(v), 40)}" for k, v in point.items()) + ")"
 
 
 def _check_tricks(config: TrainConfig, point: dict[str, Any], file: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.figures import write_figures
-from bench.results import (CSV_FILE, MATRIX_FILE, ROWS_FILE, StoreError, latest_runs, print_warning,
+from bench.results import (CSV_FILE, clip, MATRIX_FILE, ROWS_FILE, StoreError, latest_runs, print_warning,
                            read_matrix_record, read_rows, refuse_link, write_atomic, write_csv)
 from bench.stats import (LOAD_HEADROOM, MIN_EFFECT, MIN_RUNS, Comparison, Row, all_cell_stats, axis_key,
                          axis_values, excludes, infer_design, mean_where, ran_under_load, too_few_note)
@@ -241,8 +241,7 @@ def failures_section(rows: list[Row], labels: dict[str, str]) -> list[str]:
 
 
 def _short(text: Any, limit: int = 300) -> str:
-    text = " ".join(str(text or "—").split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return clip(" ".join(str(text or "—").split()), limit)
 
 
 def _counts(values: list[Any]) -> str:

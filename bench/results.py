@@ -150,7 +150,7 @@ def row_problem(row: Any) -> Optional[str]:
     version = row.get("schema_version")
     if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
         readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
-        return f"unknown schema_version {_clip(repr(version), 40)} (this trickbench reads {readable})"
+        return f"unknown schema_version {clip(repr(version), 40)} (this trickbench reads {readable})"
     checks = [(REQUIRED_FIELDS, True), (OPTIONAL_FIELDS, False)]
     if row.get("status") == "ok":
         checks.insert(1, (REQUIRED_OK_FIELDS, True))
@@ -159,7 +159,7 @@ def row_problem(row: Any) -> Optional[str]:
             if problem := _type_problem(row, name, types, required):
                 return problem
     if row["status"] not in STATUSES:
-        return f"status {_clip(repr(row['status']), 40)} is not one of {', '.join(STATUSES)}"
+        return f"status {clip(repr(row['status']), 40)} is not one of {', '.join(STATUSES)}"
     return _content_problem(row)
 
 
@@ -181,12 +181,13 @@ def _content_problem(row: Row) -> Optional[str]:
     return None
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: no message grows with what it quotes."""
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def print_warning(message: str) -> None:
-    print(f"warning: {_clip(message, 300)}", file=sys.stderr)
+    print(f"warning: {clip(message, 300)}", file=sys.stderr)
 
 
 def read_rows(path: Path, warn: bool = True) -> list[Row]:
@@ -343,7 +344,7 @@ def read_matrix_record(out_dir: Path) -> Optional[dict[str, Any]]:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise StoreError(f"{path}: not a readable matrix record ({_clip(str(err), 80)})") from None
+        raise StoreError(f"{path}: not a readable matrix record ({clip(str(err), 80)})") from None
     problem = _matrix_record_problem(record)
     if problem:
         raise StoreError(f"{path}: {problem}")
@@ -354,7 +355,7 @@ def _matrix_record_problem(record: Any) -> Optional[str]:
     if not isinstance(record, dict):
         return "not a JSON object"
     if record.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-        return f"unknown schema_version {_clip(repr(record.get('schema_version')), 40)}"
+        return f"unknown schema_version {clip(repr(record.get('schema_version')), 40)}"
     cells = record.get("cells")
     if not (isinstance(cells, list) and cells and all(
             isinstance(c, dict) and isinstance(c.get("cell_id"), str) and isinstance(c.get("axes"), dict)
