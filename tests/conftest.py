@@ -2,6 +2,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One intra-op thread for in-process training: tiny models only pay synchronisation for more
+    threads on a small, busy CPU, and oneDNN's scratch buffers (memory references) do not vary."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from bench.runner import WORKER, worker_command
 from bench.spec import RunContext, Trick
 from bench.train import build_tricks, run_step
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 WORLD = 2
 BATCH = 8  # global; 4 per rank
 STEPS = 3
@@ -121,13 +123,6 @@ def ranks(tmp_path_factory) -> list[dict]:
     mp.spawn(ddp_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_same_on_every_rank(ranks: list[dict], case: str, key: str) -> None:

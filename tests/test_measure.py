@@ -13,12 +13,7 @@ from bench.train import flop_step, memory_step, prepare_run, train
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def measured_run(batch_size=128, image_size=32, **tricks):

@@ -37,13 +37,7 @@ MIB = 2**20
 TOLERANCE = 0.05
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """One thread: fast on a shared machine, and oneDNN's scratch buffers do not vary with it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 # ---- the reference: gc + the allocator's own events ----

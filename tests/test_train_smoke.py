@@ -38,13 +38,7 @@ def smoke_cases() -> list:
     return cases
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny models: intra-op threads only add synchronisation cost on a small, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_config(**tricks):
