@@ -76,6 +76,8 @@ def timing_power(rows: list[Row], per_groups: Iterable[int] = (3, 5), slowdowns:
                            "splits": splits, "metrics": {}}
     for metric in TIMING:
         values = run_values(rows, metric)
+        if not values:
+            continue  # e.g. benchmark_median_s: pytest-benchmark's, not in rows
         out["runs"] = len(values)
         by_n: dict[str, Any] = {}
         for n in per_groups:
@@ -151,7 +153,9 @@ def _cmd_power(args: argparse.Namespace) -> int:
         if args.factor <= 1:
             raise BadInput(f"--factor: {args.factor:g} must be above 1 (e.g. 1.10)")
         rows = read_rows(path)
-        result = timing_power(rows, args.per_group, splits=args.splits, policy=Policy(factor=args.factor))
+        if not all(s > 0 for s in args.slowdowns):
+            raise BadInput(f"--slowdowns: {args.slowdowns} must all be above 0 (0.1 = 10% slower)")
+        result = timing_power(rows, args.per_group, args.slowdowns, args.splits, Policy(factor=args.factor))
         if result.get("runs", 0) < 2 * min(args.per_group):
             raise BadInput(f"{path}: {result.get('runs', 0)} ok runs; needs at least {2 * min(args.per_group)}")
     except BadInput as err:
@@ -171,6 +175,8 @@ def add_cli(subparsers: Any) -> None:
     power = subparsers.add_parser("power", help="false alarms and power of compare's timing tier on A/A runs")
     power.add_argument("results", metavar="RESULTS", help="A/A results folder (from `trickbench aa`) or cells.jsonl")
     power.add_argument("--per-group", type=positive_int, nargs="+", default=[3, 5], help="runs a side (default 3 5)")
+    power.add_argument("--slowdowns", type=float, nargs="+", default=list(SLOWDOWNS),
+                       help="injected slowdowns, 0.1 = 10%% slower (default 0.05 0.1 0.15 0.2 0.3 0.5)")
     power.add_argument("--splits", type=positive_int, default=1000, help="random (dependent) draws (default 1000)")
     power.add_argument("--factor", type=float, default=1.10, help="the timing tier's factor (default 1.10)")
     power.add_argument("--json", metavar="FILE", help="also write the result as JSON")

@@ -69,7 +69,7 @@ def test_against_head_runs_each_tree_interleaved_and_passes(repo):
     verdicts = json.loads((repo / "v.json").read_text())["verdicts"]
     assert not [v for v in verdicts if v["verdict"] in ("REGRESSED", "MISSING", "NOT COMPARABLE")], verdicts
     assert {v["verdict"] for v in verdicts if v["tier"] == "exact"} == {"PASS"}
-    assert [l.split()[1] for l in done.stderr.splitlines() if l.startswith("[")] == ["base", "new", "new", "base"]
+    assert [l.split("]")[1].split()[0] for l in done.stderr.splitlines() if l.startswith("[")] == ["base", "new", "new", "base"]
     head = git(repo, "rev-parse", "HEAD")
     rows = {side: [json.loads(l) for l in (repo / "abrows" / side / "cells.jsonl").read_text().splitlines()]
             for side in ("base", "new")}

@@ -3,10 +3,14 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import bench
 from bench.cli import main
+
+BASELINE = Path(bench.__file__).parent.parent / "baselines" / "ci-cpu.json"  # trickbench's own
 
 BENCHMARKS = """
 def test_sum(benchmark):
@@ -109,11 +113,8 @@ def test_malformed_json_is_one_line_exit_2(tmp_path, real_json, capsys, break_it
     assert not (tmp_path / "v.json").exists()
 
 
-def test_pytest_benchmark_against_trickbench_rows_is_refused(tmp_path, real_json, capsys):
+def test_pytest_benchmark_against_a_trickbench_baseline_is_refused(tmp_path, real_json, capsys):
     (tmp_path / "pb.json").write_text(json.dumps(real_json))
-    (tmp_path / "rows").mkdir()
-    (tmp_path / "rows" / "cells.jsonl").write_text(json.dumps(
-        {"cell_id": "c", "seed": 0, "status": "ok", "axes": {}, "step_time_ms_median": 2.0}) + "\n")
-    code, _ = compare(tmp_path, tmp_path / "pb.json", tmp_path / "rows")
+    code, _ = compare(tmp_path, BASELINE, tmp_path / "pb.json")
     err = capsys.readouterr().err
     assert code == 2 and "compare only with pytest-benchmark" in err
