@@ -159,8 +159,37 @@ def emit(verdicts: list, base_name: str, new_name: str, args: argparse.Namespace
 def cmd_compare(args: argparse.Namespace) -> int:
     _check_writable(args.markdown, args.json)
     policy = _policy(args)
+    if args.against:
+        from bench.ab import cmd_against
+        from bench.runner import Terminated
+
+        try:
+            return emit(*cmd_against(args, policy), args)
+        except Terminated as stopped:
+            print(f"stopped by {stopped}; the temporary worktree was removed", file=sys.stderr)
+            return 128 + stopped.signum
+    if args.new is None:
+        raise BadInput("compare needs BASE and NEW (or --against REV MATRIX)")
+    if args.profile or args.out or args.runs_per_side:
+        raise BadInput("--profile, --out and --runs-per-side go with --against REV MATRIX only")
     base, new = load_side(args.base), load_side(args.new)
+    _check_pytest_benchmark_sides(base, new, args, policy)
     return emit(compare_cells(base, new, policy), args.base, args.new, args)
+
+
+def _check_pytest_benchmark_sides(base: dict[str, CellRecord], new: dict[str, CellRecord],
+                                  args: argparse.Namespace, policy: Policy) -> None:
+    """Refuse pytest-benchmark results against trickbench's; say why a timing verdict is only ``~``."""
+    from bench import pytest_bench
+
+    kinds = [pytest_bench.is_kind(side) for side in (base, new)]
+    if kinds[0] != kinds[1]:
+        raise BadInput(f"{args.base if kinds[0] else args.new}: pytest-benchmark results compare only with "
+                       "pytest-benchmark results, not with trickbench rows or baselines")
+    if kinds[0] and min(map(pytest_bench.runs_per_side, (base, new))) < policy.min_runs:
+        print(f"note: one pytest-benchmark JSON is one run (its rounds share one process); a timing verdict "
+              f"needs {policy.min_runs} files a side: give a folder of them (e.g. .benchmarks/<machine>/)",
+              file=sys.stderr)
 
 
 def _recorded_by(path: str) -> str:
@@ -225,6 +254,12 @@ def cmd_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    from bench.cli import positive_int
+
+    return positive_int(text)
+
+
 def _add_judging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="timing regressions fail too (a dedicated machine); default: warn only")
@@ -246,8 +281,15 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
 def add_cli(subparsers: Any) -> None:
     """Add ``compare``, ``baseline record|update`` and ``check`` to the trickbench command line."""
     compare = subparsers.add_parser("compare", help="verdicts per (cell, metric): BASE vs NEW results")
-    compare.add_argument("base", metavar="BASE", help="results folder, cells.jsonl or baseline .json")
-    compare.add_argument("new", metavar="NEW", help="results folder or cells.jsonl")
+    compare.add_argument("base", metavar="BASE", help="results folder, cells.jsonl, baseline .json, or "
+                         "pytest-benchmark JSON (a file, or a folder of them: one file = one run)")
+    compare.add_argument("new", metavar="NEW", nargs="?",
+                         help="results folder or cells.jsonl (or pytest-benchmark JSON)")
+    compare.add_argument("--against", metavar="REV", help="A/B in this job: run MATRIX (given as BASE) with the "
+                         "git revision REV and with this tree, interleaved, and compare them")
+    compare.add_argument("--runs-per-side", type=_positive, metavar="N",
+                         help="with --against: seeds 0..N-1 instead of the matrix's (timing needs 3)")
+    _add_run(compare)
     _add_outputs(compare)
     compare.set_defaults(func=cmd_compare)
 

@@ -159,12 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
-    from bench import aa, baseline, diagnose, report
+    from bench import aa, baseline, diagnose, power, report
 
     report.add_cli(sub)  # report DIR, index RESULTS_DIR
     diagnose.add_cli(sub)
     aa.add_cli(sub)
     baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
+    power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
     return parser
 
 

@@ -59,6 +59,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("final_train_loss", "exact", "lower", 0.0, tolerance_across=1e-3),
     Metric("step_time_ms_median", "timing", "lower", 0.10),
     Metric("throughput_samples_per_s", "timing", "higher", 0.10),
+    Metric("benchmark_median_s", "timing", "lower", 0.10),  # pytest-benchmark JSON (bench.pytest_bench)
     Metric("accuracy_top1", "accuracy", "higher"),
 )
 TIERS = ("exact", "timing", "accuracy")
@@ -66,10 +67,11 @@ TIERS = ("exact", "timing", "accuracy")
 # Where the environment must match for a tier's numbers to mean the same thing. Timing needs
 # the same machine (not the same hostname: CI runners are ephemeral); exact counters need the
 # same torch and the same measurement schema; accuracy is judged against the seeds' spread.
+# runtime/platform (Python, OS) come from pytest-benchmark's machine_info; rows lack them.
 FINGERPRINT: dict[str, tuple[str, ...]] = {
     "exact": ("schema_version", "torch", "device"),
     "timing": ("schema_version", "torch", "device", "device_name", "cpu_model", "cpu_capability",
-               "cpu_cores", "torch_threads"),
+               "cpu_cores", "torch_threads", "runtime", "platform"),
     "accuracy": ("device",),
 }
 SAME_NUMERICS = ("device_name", "cpu_capability")  # exact tier: bit-exact loss needs these too
@@ -153,7 +155,8 @@ def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, Ce
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 cell.values.setdefault(metric.name, {})[str(row["seed"])] = value
     for cell_id, cell_envs in envs.items():
-        cells[cell_id].env = {k: _common(e.get(k) for e in cell_envs) for k in ENV_KEYS}
+        cells[cell_id].env = {k: _common(e.get(k) for e in cell_envs) for k in ENV_KEYS
+                              if any(k in e for e in cell_envs)}
     return cells
 
 
@@ -183,7 +186,9 @@ def cells_from_baseline(data: dict[str, Any], source: str) -> dict[str, CellReco
 
 
 def load_side(path: str | Path) -> dict[str, CellRecord]:
-    """A results folder (its cells.jsonl), a cells.jsonl file, or a baseline JSON file."""
+    """A results folder (its cells.jsonl), a cells.jsonl file, a baseline JSON file, or
+    pytest-benchmark JSON: one file, or a folder of them (one file = one run)."""
+    from bench import pytest_bench
     from bench.results import ROWS_FILE, read_rows
 
     path = Path(path)
@@ -191,13 +196,14 @@ def load_side(path: str | Path) -> dict[str, CellRecord]:
         raise BadInput(f"{path}: no such file or directory")
     if path.is_dir():
         if not (path / ROWS_FILE).exists():
-            raise BadInput(f"{path}: no {ROWS_FILE} here (not a results folder)")
+            if (runs := pytest_bench.load_folder(path)) is not None:
+                return runs
+            raise BadInput(f"{path}: no {ROWS_FILE} and no pytest-benchmark JSON here (not a results folder)")
         path = path / ROWS_FILE
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadInput(f"{path}: not valid JSON ({err})") from None
+        data = pytest_bench.read_json(path)
+        if pytest_bench.is_pytest_benchmark(data):
+            return pytest_bench.cells_from_runs([(str(path), data)])
         cells = cells_from_baseline(data, str(path))
     else:
         cells = cells_from_rows(read_rows(path), str(path))

@@ -191,17 +191,30 @@ def _arm_death_signal() -> None:
 
 def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> Row:
     """Train one (cell, seed) in a fresh interpreter (one per rank); always returns a row."""
-    row_path = work_dir / f"{cell.cell_id}-{seed}.row.json"
-    job = {"matrix": matrix.name, "cell_id": cell.cell_id, "seed": seed, "axes": cell.axes,
-           "config": cell.config.to_dict(), "row_path": str(row_path), "runner_pid": os.getpid()}
-    job_path = work_dir / f"{cell.cell_id}-{seed}.job.json"
+    job_path = write_job(work_dir, matrix.name, cell.cell_id, seed, cell.axes, cell.config.to_dict())
+    command, env = worker_command(cell.config, job_path, f"{cell.cell_id}-{seed}")
+    return run_job_file(job_path, command, env, cell.config.time_limit_s)
+
+
+def write_job(work_dir: Path, matrix: str, cell_id: str, seed: int, axes: dict[str, Any],
+              config: dict[str, Any], tag: str = "") -> Path:
+    """The job file a worker reads (``python -m bench.worker JOB``): what to train, where the row goes."""
+    stem = f"{cell_id}-{seed}{tag}"
+    job = {"matrix": matrix, "cell_id": cell_id, "seed": seed, "axes": axes, "config": config,
+           "row_path": str(work_dir / f"{stem}.row.json"), "runner_pid": os.getpid()}
+    job_path = work_dir / f"{stem}.job.json"
     write_atomic(job_path, json.dumps(job))
-    limit = cell.config.time_limit_s
-    record = RunRecord(matrix=matrix.name, cell_id=cell.cell_id, seed=seed, axes=cell.axes,
-                       config=cell.config.to_dict())
+    return job_path
+
+
+def run_job_file(job_path: Path, command: list[str], env: dict[str, str] | None, limit: float) -> Row:
+    """Run the worker ``command`` on a job file; its row, or a failed row if it left none."""
+    job = json.loads(job_path.read_text(encoding="utf-8"))
+    row_path = Path(job["row_path"])
+    record = RunRecord(matrix=job["matrix"], cell_id=job["cell_id"], seed=job["seed"], axes=job["axes"],
+                       config=job["config"])
     record.start()
     started = time.monotonic()
-    command, env = worker_command(cell.config, job_path, f"{cell.cell_id}-{seed}")
     # Own process group, so a timeout kills the child and anything it started.
     proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
     try:
