@@ -17,6 +17,7 @@ Every tier needs the environment to match on its fingerprint keys, else ``NOT CO
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -27,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from bench.results import MEMORY_CATEGORIES
-from bench.stats import ALPHA, CONFIDENCE, MIN_RUNS, welch  # the report's rules, shared
+from bench.stats import ALPHA, CONFIDENCE, MIN_RUNS, ran_under_load, welch  # the report's rules, shared
 
 PASS, REGRESSED, IMPROVED, NOISE = "PASS", "REGRESSED", "IMPROVED", "~"
 NOT_COMPARABLE, NEW, MISSING = "NOT COMPARABLE", "NEW", "MISSING"
@@ -92,6 +93,7 @@ class CellRecord:
     env: dict[str, Any]
     values: dict[str, dict[str, float]] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # "status seed=N: error" of failed runs
+    under_load: int = 0  # ok runs whose timing ran under competing load (bench.stats.ran_under_load)
 
 
 @dataclass
@@ -148,6 +150,7 @@ def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, Ce
         if row.get("status") != "ok":
             cell.failed.append(f"{row.get('status')} seed={row['seed']}: {row.get('error')}")
             continue
+        cell.under_load += bool(ran_under_load(row))
         envs.setdefault(cell.cell_id, []).append({"schema_version": row.get("schema_version"),
                                                   **(row.get("env") or {})})
         for metric in METRICS:
@@ -328,8 +331,20 @@ def judge_metric(metric: Metric, base: CellRecord, new: CellRecord, policy: Poli
             base.env.get(k) == new.env.get(k) != MIXED for k in SAME_NUMERICS)
         return judge_exact(metric, b, n, same)
     if metric.tier == "timing":
-        return judge_timing(metric, b, n, policy)
+        return loaded_timing(judge_timing(metric, b, n, policy), base, new)
     return judge_accuracy(metric, b, n)
+
+
+def loaded_timing(verdict: Verdict, base: CellRecord, new: CellRecord) -> Verdict:
+    """A timing call from runs that shared the machine with other work says nothing about the
+    code: such a REGRESSED/IMPROVED becomes NOT COMPARABLE (never a gate), with the count."""
+    loaded = [f"{cell.under_load} {side} runs" for side, cell in (("base", base), ("new", new)) if cell.under_load]
+    if not loaded:
+        return verdict
+    note = f"under competing load: {', '.join(loaded)}"
+    if verdict.verdict in (REGRESSED, IMPROVED):
+        return dataclasses.replace(verdict, verdict=NOT_COMPARABLE, fails=False, note=f"{note}; was {verdict.verdict}")
+    return dataclasses.replace(verdict, note="; ".join(filter(None, (verdict.note, note))))
 
 
 def compare_cells(base: dict[str, CellRecord], new: dict[str, CellRecord], policy: Policy | None = None) -> list[Verdict]:

@@ -97,6 +97,20 @@ def test_timing_with_fewer_than_three_runs_is_noise_not_a_verdict():
     assert v.verdict == cmp.NOISE and not v.fails
 
 
+def test_timing_under_competing_load_is_not_comparable_even_when_strict():
+    loaded = slowed(1.5)
+    for r in loaded:
+        r.update(load_avg_1m_start=0.5, load_avg_1m_end=3.5)  # 2 cores: 3.5 > 1.25 × 2
+    found, by = verdicts(rows(), loaded, strict=True)
+    v = by[("c1", "step_time_ms_median")]
+    assert v.verdict == cmp.NOT_COMPARABLE and not v.fails and "3 new runs" in v.note
+    assert cmp.exit_code(found) == 0
+    quiet = slowed(1.5)
+    for r in quiet:
+        r.update(load_avg_1m_start=0.5, load_avg_1m_end=1.5)
+    assert verdicts(rows(), quiet, strict=True)[1][("c1", "step_time_ms_median")].fails
+
+
 def test_accuracy_regresses_only_outside_the_seeds_interval():
     small = [dict(r, accuracy_top1=r["accuracy_top1"] - 0.005) for r in rows()]
     spread = [dict(r, accuracy_top1=r["accuracy_top1"] + (r["seed"] - 1) * 0.02) for r in rows()]
