@@ -125,7 +125,8 @@ def measure_cells(cells: dict[str, Any], configs: dict[str, Any], seed: int, rep
         cell = cells[cell_id]
         cell.values[METRIC] = {str(seed): statistics.median(counts)}
         cell.spreads[METRIC] = spread(counts)
-        cell.env.update(env)
+        for key, value in env.items():  # the rows' own values stay: the other tiers judge them
+            cell.env.setdefault(key, value)
         log(f"{cell.label}: {statistics.median(counts):,.0f} instructions/step "
             f"(spread {spread(counts):.4%} over {repeats} counts)")
     return True
