@@ -45,8 +45,10 @@ def baseline_entry(cell: CellRecord) -> dict[str, Any]:
             metrics[metric.name] = next(iter(values.values()))
         else:
             metrics[metric.name] = {s: values[s] for s in sorted(values, key=_seed_order)}
-    return {"label": cell.label, "axes": cell.axes, "seeds": [int(s) if s.lstrip("-").isdigit() else s for s in seeds],
-            "env": cell.env, "metrics": metrics}
+    entry = {"label": cell.label, "axes": cell.axes, "seeds": [int(s) if s.lstrip("-").isdigit() else s for s in seeds],
+             "env": cell.env, "metrics": metrics}
+    spreads = {name: cell.spreads[name] for name in metrics if name in cell.spreads}
+    return {**entry, "spreads": spreads} if spreads else entry
 
 
 def baseline_document(cells: dict[str, CellRecord], matrix: str, command: str) -> dict[str, Any]:
@@ -88,6 +90,8 @@ def updated_document(document: dict[str, Any], base: dict[str, CellRecord], new:
                     entry["metrics"][v.metric] = fresh["metrics"][v.metric]
                 else:
                     entry["metrics"].pop(v.metric, None)
+                if v.metric in fresh.get("spreads", {}):  # a count's margin moves with it
+                    entry.setdefault("spreads", {})[v.metric] = fresh["spreads"][v.metric]
                 entry["seeds"] = fresh["seeds"]
                 changes.append(f"{cell_id} ({entry['label']}): {v.metric} {v.base or '-'} -> {v.new or '-'}")
         cells[cell_id] = entry
@@ -108,12 +112,38 @@ def run_into(matrix_path: str, profile: str | None, out: str | None) -> Path:
     return out_dir
 
 
-def load_source(source: str, profile: str | None, out: str | None) -> tuple[dict[str, CellRecord], str]:
-    """Results to judge: a results folder / cells.jsonl as is, or a matrix YAML run now."""
+def load_source(source: str, profile: str | None, out: str | None,
+                instruction_repeats: int | None = None) -> tuple[dict[str, CellRecord], str]:
+    """Results to judge: a results folder / cells.jsonl as is, or a matrix YAML run now (and,
+    with ``instruction_repeats``, each cell's step counted under valgrind)."""
     if Path(source).suffix in (".yaml", ".yml"):
         out_dir = run_into(source, profile, out)
-        return load_side(out_dir), str(out_dir)
+        cells = load_side(out_dir)
+        if instruction_repeats:
+            from bench.config import load_matrix
+            from bench.instructions import measure_cells
+
+            matrix = load_matrix(source, profile=profile)
+            measure_cells(cells, {c.cell_id: c.config for c in matrix.cells}, matrix.seeds[0], instruction_repeats,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
+        return cells, str(out_dir)
+    if instruction_repeats:
+        raise BadInput(f"{source}: --instructions counts a matrix's steps: give the matrix YAML, not results")
     return load_side(source), source
+
+
+def instruction_repeats(args: argparse.Namespace) -> int | None:
+    return args.instruction_repeats if args.instructions else None
+
+
+def without_instructions(cells: dict[str, CellRecord]) -> dict[str, CellRecord]:
+    """A baseline's cells minus instruction counts, when this check does not measure them (so
+    they are not reported missing, nor dropped by an update)."""
+    from bench.instructions import METRIC
+
+    for cell in cells.values():
+        cell.values.pop(METRIC, None)
+    return cells
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -203,7 +233,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     _check_writable(args.markdown, args.json)
     policy = _policy(args)
     base = load_side(args.baseline)  # a missing or broken baseline stops us before any run
-    new, new_name = load_source(args.matrix, args.profile, args.out)
+    if not args.instructions:
+        base = without_instructions(base)
+    new, new_name = load_source(args.matrix, args.profile, args.out, instruction_repeats(args))
     verdicts = compare_cells(base, new, policy)
     code = emit(verdicts, args.baseline, new_name, args)
     if reason := stale_reason(verdicts):
@@ -220,13 +252,15 @@ def cmd_record(args: argparse.Namespace) -> int:
     _check_writable(args.output)
     if Path(args.matrix).suffix not in (".yaml", ".yml"):
         raise BadInput(f"{args.matrix}: expected a matrix YAML file")
-    cells, source = load_source(args.matrix, args.profile, args.out)
+    cells, source = load_source(args.matrix, args.profile, args.out, instruction_repeats(args))
     failed = [f"{cid}: {note}" for cid, c in cells.items() for note in c.failed]
     if failed:
         print(f"error: baseline not written: {len(failed)} runs failed ({failed[0]})", file=sys.stderr)
         return 1
     command = shlex.join(["trickbench", "baseline", "record", args.matrix, "-o", args.output]
-                         + (["--profile", args.profile] if args.profile else []))
+                         + (["--profile", args.profile] if args.profile else [])
+                         + (["--instructions", "--instruction-repeats", str(args.instruction_repeats)]
+                            if args.instructions else []))
     from bench.config import load_matrix
 
     matrix_name = load_matrix(args.matrix, profile=args.profile).name
@@ -242,8 +276,10 @@ def cmd_update(args: argparse.Namespace) -> int:
     base = load_side(path)
     if path.suffix != ".json":
         raise BadInput(f"{path}: expected a baseline .json file")
+    if not args.instructions:
+        base = without_instructions(base)
     document = json.loads(path.read_text(encoding="utf-8"))
-    new, source = load_source(args.source, args.profile, args.out)
+    new, source = load_source(args.source, args.profile, args.out, instruction_repeats(args))
     document, changes = updated_document(document, base, new, policy)
     for line in changes:
         print(f"  {line}")
@@ -278,6 +314,17 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="results folder for the runs (default: a new temporary folder)")
 
 
+def _add_instructions(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count the instructions of one training step per cell under valgrind "
+                             "(gated when torch, Python, CPU and valgrind match). Opt-in and off in the "
+                             "project's CI: about 2.5 minutes per cell on a 2-core machine (torch is imported under "
+                             "valgrind), against a 3-minute CI budget. "
+                             "Without valgrind the tier is skipped with a note")
+    parser.add_argument("--instruction-repeats", type=_positive, default=3, metavar="R",
+                        help="counts per cell; their spread sets the margin (default 3)")
+
+
 def add_cli(subparsers: Any) -> None:
     """Add ``compare``, ``baseline record|update`` and ``check`` to the trickbench command line."""
     compare = subparsers.add_parser("compare", help="verdicts per (cell, metric): BASE vs NEW results")
@@ -297,6 +344,7 @@ def add_cli(subparsers: Any) -> None:
     check.add_argument("matrix", metavar="MATRIX", help="ablation YAML file (or a results folder)")
     check.add_argument("--baseline", required=True, help="baseline .json (from `baseline record`)")
     _add_run(check)
+    _add_instructions(check)
     _add_outputs(check)
     check.set_defaults(func=cmd_check)
 
@@ -306,10 +354,12 @@ def add_cli(subparsers: Any) -> None:
     record.add_argument("matrix", metavar="MATRIX", help="ablation YAML file")
     record.add_argument("-o", "--output", required=True, help="baseline .json to write, e.g. baselines/ci-cpu.json")
     _add_run(record)
+    _add_instructions(record)
     record.set_defaults(func=cmd_record)
     update = actions.add_parser("update", help="rewrite only the entries that moved beyond their margin")
     update.add_argument("baseline", metavar="FILE", help="baseline .json to update in place")
     update.add_argument("source", metavar="SOURCE", help="results folder, or a matrix YAML to run now")
     _add_run(update)
+    _add_instructions(update)
     _add_judging(update)
     update.set_defaults(func=cmd_update)

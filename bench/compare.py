@@ -10,6 +10,8 @@ of the resolved config), never by row order. Each metric belongs to a tier with 
 - ``timing``: run-level samples (one median per run/seed), never the steps of one run. A change
   needs both the ratio of medians beyond ``factor`` and Welch's t-test on the logs (p < alpha);
   with fewer than ``MIN_RUNS`` runs a side the verdict is ``~``. Warn-only unless ``strict``.
+- ``instructions`` (opt-in, :mod:`bench.instructions`): valgrind's instruction count of one
+  training step; a move beyond the margin measured from repeated counts fails either way.
 - ``accuracy``: regressed only when the Welch interval of the difference of means lies wholly
   below zero, i.e. the drop is outside what the seeds' spread explains.
 
@@ -62,8 +64,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("throughput_samples_per_s", "timing", "higher", 0.10),
     Metric("benchmark_median_s", "timing", "lower", 0.10),  # pytest-benchmark JSON (bench.pytest_bench)
     Metric("accuracy_top1", "accuracy", "higher"),
+    Metric("instructions_per_step", "instructions", "lower"),  # margin: bench.instructions.margin
 )
-TIERS = ("exact", "timing", "accuracy")
+TIERS = ("exact", "timing", "accuracy", "instructions")
 
 # Where the environment must match for a tier's numbers to mean the same thing. Timing needs
 # the same machine (not the same hostname: CI runners are ephemeral); exact counters need the
@@ -74,6 +77,8 @@ FINGERPRINT: dict[str, tuple[str, ...]] = {
     "timing": ("schema_version", "torch", "device", "device_name", "cpu_model", "cpu_capability",
                "cpu_cores", "torch_threads", "runtime", "platform"),
     "accuracy": ("device",),
+    # Counts change with the code that runs (torch, CPython, the kernels for this CPU) and the counter.
+    "instructions": ("torch", "python", "cpu_model", "cpu_capability", "valgrind"),
 }
 SAME_NUMERICS = ("device_name", "cpu_capability")  # exact tier: bit-exact loss needs these too
 ENV_KEYS = tuple(dict.fromkeys(k for keys in FINGERPRINT.values() for k in keys + SAME_NUMERICS))
@@ -93,6 +98,7 @@ class CellRecord:
     env: dict[str, Any]
     values: dict[str, dict[str, float]] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # "status seed=N: error" of failed runs
+    spreads: dict[str, float] = field(default_factory=dict)  # metric → measured relative spread
     under_load: int = 0  # ok runs whose timing ran under competing load (bench.stats.ran_under_load)
 
 
@@ -181,7 +187,8 @@ def cells_from_baseline(data: dict[str, Any], source: str) -> dict[str, CellReco
             values = {name: dict(v) if isinstance(v, dict) else {s: v for s in seeds}
                       for name, v in entry["metrics"].items()}
             cells[cell_id] = CellRecord(cell_id, entry.get("label", cell_id), entry.get("axes", {}),
-                                        entry.get("env", {}), values, list(entry.get("failed", [])))
+                                        entry.get("env", {}), values, failed=list(entry.get("failed", [])),
+                                        spreads={k: float(v) for k, v in entry.get("spreads", {}).items()})
         except (KeyError, TypeError, AttributeError) as err:
             raise BadInput(f"{source}: cells.{cell_id}: malformed entry ({type(err).__name__}: {err}); "
                            "needs seeds, metrics, env") from None
@@ -313,6 +320,29 @@ def judge_accuracy(metric: Metric, base: dict[str, float], new: dict[str, float]
     return Verdict("", "", metric.name, metric.tier, PASS, *shown, change)
 
 
+def judge_instructions(metric: Metric, base: dict[str, float], new: dict[str, float],
+                       base_spread: float | None, new_spread: float | None) -> Verdict:
+    """Medians of the counts; beyond the margin either way fails (an unexplained improvement
+    too, as in the exact tier): on the same fingerprint, only a code change moves a count."""
+    from bench.instructions import margin
+
+    b, n = statistics.median(base.values()), statistics.median(new.values())
+    tolerance = margin(base_spread, new_spread)
+    change = f"{(n - b) / b:+.3%}" if b else ""
+    verdict = Verdict("", "", metric.name, metric.tier, PASS, _fmt(round(b)), _fmt(round(n)), change,
+                      note=f"margin {tolerance:.2%}")
+    if _relative(b, n) <= tolerance:
+        return verdict
+    verdict.fails = True
+    if _worse(metric, b, n):
+        verdict.verdict = REGRESSED
+        verdict.note = f"beyond the margin {tolerance:.2%}"
+    else:
+        verdict.verdict = IMPROVED
+        verdict.note = f"unexplained improvement beyond {tolerance:.2%}: if intended, update the baseline"
+    return verdict
+
+
 def judge_metric(metric: Metric, base: CellRecord, new: CellRecord, policy: Policy) -> Verdict | None:
     b, n = base.values.get(metric.name), new.values.get(metric.name)
     if not b and not n:
@@ -332,6 +362,8 @@ def judge_metric(metric: Metric, base: CellRecord, new: CellRecord, policy: Poli
         return judge_exact(metric, b, n, same)
     if metric.tier == "timing":
         return loaded_timing(judge_timing(metric, b, n, policy), base, new)
+    if metric.tier == "instructions":
+        return judge_instructions(metric, b, n, base.spreads.get(metric.name), new.spreads.get(metric.name))
     return judge_accuracy(metric, b, n)
 
 
