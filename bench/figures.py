@@ -253,8 +253,13 @@ def plot_step_times(stats: list[Row], path: Path) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(layout="constrained", figsize=(9, _height(frame["cell"].nunique())))
     colors = {"quiet": "tab:blue", "under load": "tab:red", "load unknown": "0.5"}
+    # seaborn draws its jitter from numpy's global generator: seed it here (and restore it), so a
+    # report rebuilt from the same rows gives the same figure, byte for byte.
+    state = np.random.get_state()
+    np.random.seed(0)
     sns.stripplot(frame, x="ms", y="cell", hue="load", hue_order=[k for k in colors if k in set(frame["load"])],
                   palette=colors, size=7, jitter=0.15, ax=ax)
+    np.random.set_state(state)
     spread = frame["ms"].max() / max(frame["ms"].min(), 1e-9)
     if spread > 20:  # one slow cell would squash every other cell's points into one
         _plain_log_scale(ax.xaxis)

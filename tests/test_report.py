@@ -272,3 +272,12 @@ def test_cli_report_and_index(tmp_path, capsys, no_figures):
 def test_md_table_escapes_pipes_and_newlines():
     text = md_table(["a", "b"], [["x|y", "1\n2"]])
     assert text.splitlines() == ["| a | b |", "| :--- | ---: |", "| x\\|y | 1 2 |"]
+
+
+def test_step_time_figure_is_the_same_when_rebuilt(tmp_path):
+    """Reports are functions of the rows: the jittered per-run plot too, byte for byte."""
+    from bench.figures import plot_step_times
+
+    stats = all_cell_stats(toy_rows())
+    assert plot_step_times(stats, tmp_path / "a.png") and plot_step_times(stats, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
