@@ -22,6 +22,7 @@ from typing import Any, Callable
 from bench.compare import (BASELINE_FORMAT, CELL, IMPROVED, METRICS, MISSING, NEW, NOT_COMPARABLE,
                            REGRESSED, BadInput, CellRecord, Policy, compare_cells, exit_code, load_side,
                            stale_reason, to_json, to_markdown)
+from bench.results import write_atomic
 
 FORMAT_VERSION = 1
 MOVED = (REGRESSED, IMPROVED, NEW, MISSING)  # verdicts that make `baseline update` rewrite a value
@@ -57,9 +58,8 @@ def baseline_document(cells: dict[str, CellRecord], matrix: str, command: str) -
 
 
 def write_baseline(document: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Whole or not at all, and never through a link (the file is committed to the repository)."""
+    write_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 def updated_document(document: dict[str, Any], base: dict[str, CellRecord], new: dict[str, CellRecord],

@@ -250,3 +250,15 @@ def test_check_against_a_baseline_of_another_torch_says_re_record_and_exits_2(tm
     assert main(["check", str(new), "--baseline", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torch: 2.13.0 → 2.14.1" in err[0] and "trickbench baseline record m.yaml" in err[0]
+
+
+def test_baseline_file_is_never_written_through_a_link(tmp_path):
+    from bench.baseline import write_baseline
+    from bench.results import StoreError
+
+    target = tmp_path / "elsewhere.json"
+    target.write_text("keep")
+    (tmp_path / "ci.json").symlink_to(target)
+    with pytest.raises(StoreError):
+        write_baseline({"cells": {}}, tmp_path / "ci.json")
+    assert target.read_text() == "keep"
