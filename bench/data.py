@@ -5,11 +5,12 @@ download only when the matrix says ``download: true``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +41,21 @@ class DatasetSplits:
     accuracy_meaningful: bool  # False for synthetic (random labels)
 
 
-def build_dataset(cfg: Any) -> DatasetSplits:
-    """Build the splits of the dataset named ``cfg.dataset``; names resolve only through DATASETS."""
+def build_dataset(cfg: Any, train_transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()) -> DatasetSplits:
+    """Build the splits of the dataset named ``cfg.dataset``; names resolve only through DATASETS.
+
+    ``train_transforms`` (the tricks' per-sample transforms) run, in order, on every training
+    input after the dataset's own preprocessing, in the DataLoader workers; never on the test split.
+    """
     if cfg.dataset not in DATASETS:
         raise ValueError(
             f"unknown dataset {cfg.dataset!r}{did_you_mean(cfg.dataset, DATASETS.names())}; "
             f"known: {', '.join(DATASETS.names())}"
         )
-    return DATASETS.get(cfg.dataset)(cfg)
+    splits = DATASETS.get(cfg.dataset)(cfg)
+    if train_transforms:
+        splits = dataclasses.replace(splits, train=_Augmented(splits.train, v2.Compose(list(train_transforms))))
+    return splits
 
 
 def _shape(ds: Dataset) -> tuple[int, int, int]:
@@ -56,9 +64,9 @@ def _shape(ds: Dataset) -> tuple[int, int, int]:
 
 
 class _Augmented(Dataset):
-    """Applies a random transform to the input of an in-memory (tensor) dataset on every access."""
+    """Applies a random transform to the input of a dataset on every access."""
 
-    def __init__(self, base: TensorDataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:

@@ -4,14 +4,24 @@ A trick is one small class registered by name. Its YAML value (e.g. ``ema: 0.999
 once at the config boundary; an instance is built per run with that value. The loop calls these
 hooks, each a no-op by default, in a fixed order:
 
+    sample_transform  -> a per-sample transform of training inputs, run in DataLoader workers
     prepare_model     -> change the model once before training (checkpointing, DDP wrapper, ...)
-    split_batch       -> turn one (per-rank) batch into micro-batches (accumulation)
+    param_groups      -> the optimizer's parameter groups (no weight decay on BN and biases)
+    optimizer_options -> keyword arguments of the optimizer (foreach / fused implementation)
+    setup             -> once the model and optimizer exist (EMA's averaged copy)
+    transform_batch   -> each (per-rank) batch on the device, before it is split (mixup, resizing)
+    split_batch       -> turn one batch into micro-batches (accumulation)
+    release_gradients -> whether zero_grad frees the gradients (set_to_none) or zeroes them
     sync_context      -> a context around forward+backward of each micro-batch (DDP no_sync)
     forward_context   -> a context around every forward pass (autocast)
+    criterion         -> the loss of (logits, targets) (label smoothing)
+    wrap_loss         -> the loss of (inputs, targets), forward included (input-gradient penalty)
     scale_loss        -> the loss that is back-propagated (GradScaler)
     wrap_step         -> change how gradients are computed and applied (SAM, GradScaler.step)
-    after_step        -> bookkeeping after each optimizer step (EMA)
+    process_gradients -> edit the step's true gradients before the update (clipping)
+    after_step        -> bookkeeping after each optimizer step (EMA, lookahead)
     eval_model        -> the model to evaluate (EMA weights, the module inside DDP)
+    metrics           -> what the trick measured, added to the run's row
 
 Interactions that cannot work are declared in ``check`` and rejected before anything runs.
 """
@@ -25,6 +35,10 @@ import torch
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# (logits, targets) -> mean loss; targets are class indices or class probabilities (mixup).
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (inputs, targets) -> mean loss, the model's forward included.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -83,14 +97,36 @@ class Trick:
         return value != cls.default
 
     # ---- hooks ----
+    def sample_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A random transform of one training input (C, H, W), applied in the DataLoader
+        workers after the dataset's own preprocessing; never applied to the evaluation split."""
+        return None
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
+
+    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups; the loop starts from one group of every parameter."""
+        return groups
+
+    def optimizer_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments the optimizer is built with (lr, momentum, ... from the config)."""
+        return options
 
     def setup(self, run: RunContext) -> None:
         """Called once the model and optimizer exist (e.g. to build an averaged copy)."""
 
+    def transform_batch(self, batch: Batch) -> Batch:
+        """The whole (per-rank) batch of a step, on the device, before split_batch."""
+        return batch
+
     def split_batch(self, batch: Batch) -> list[Batch]:
         return [batch]
+
+    def release_gradients(self) -> bool:
+        """True: ``zero_grad(set_to_none=True)`` frees the gradients between steps; False from any
+        trick keeps the gradient tensors and zeroes them in place."""
+        return True
 
     def sync_context(self, is_last: bool) -> ContextManager[Any]:
         """Entered around forward and backward of one micro-batch; ``is_last``: the step's last one."""
@@ -99,15 +135,33 @@ class Trick:
     def forward_context(self) -> ContextManager[Any]:
         return contextlib.nullcontext()
 
+    def criterion(self, criterion: Criterion) -> Criterion:
+        """Replace or wrap the loss of (logits, targets); the loop starts from ``F.cross_entropy``."""
+        return criterion
+
+    def wrap_loss(self, loss_fn: LossFn) -> LossFn:
+        """Wrap the loss of (inputs, targets), forward pass included (a penalty on the inputs)."""
+        return loss_fn
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
     def wrap_step(self, step: StepFns) -> StepFns:
         return step
 
+    def process_gradients(self) -> None:
+        """Edit ``.grad`` in place before the update. The gradients are the step's true ones:
+        every micro-batch accumulated, all-reduced across ranks, unscaled (GradScaler), at the
+        point SAM evaluates them. Runs once per optimizer step."""
+
     def after_step(self) -> None:
         pass
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return model
+
+    def metrics(self) -> dict[str, Any]:
+        """What this trick measured over the run (e.g. clipped fraction), added to the row's metrics;
+        names must not collide with the loop's own metrics."""
+        return {}
 

@@ -28,7 +28,7 @@ from bench.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, sy
 from bench.memory import track_step_memory
 from bench.models import build_model
 from bench.schedules import build_scheduler
-from bench.spec import Batch, RunContext, StepFns, Trick
+from bench.spec import Batch, Criterion, LossFn, RunContext, StepFns, Trick
 from bench.tricks import TRICKS
 
 __all__ = ["Diverged", "Run", "build_tricks", "make_step", "prepare_run", "run_step", "train"]
@@ -45,12 +45,17 @@ def build_tricks(config: TrainConfig) -> list[Trick]:
     return [e.obj(config.tricks[e.name]) for e in TRICKS if e.obj.is_active(config.tricks[e.name])]
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainConfig, model: nn.Module, tricks: list[Trick] = ()) -> torch.optim.Optimizer:
+    """The configured optimizer over the parameter groups and options the tricks ask for."""
     opt = config.optimizer
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    options: dict[str, Any] = {"lr": opt.lr, "weight_decay": opt.weight_decay}
     if opt.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
-                               weight_decay=opt.weight_decay, nesterov=opt.nesterov)
-    return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+        options.update(momentum=opt.momentum, nesterov=opt.nesterov)
+    for trick in tricks:
+        groups = trick.param_groups(model, groups)
+        options = trick.optimizer_options(options)
+    return (torch.optim.SGD if opt.name == "sgd" else torch.optim.AdamW)(groups, **options)
 
 
 def unchanged(step: StepFns) -> StepFns:
@@ -64,12 +69,25 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[T
     ``instrument`` sees the loop's own step before any trick wraps it (the memory tracker uses
     it to tell the loop's allocations from the tricks').
     """
+    for trick in tricks:
+        batch = trick.transform_batch(batch)
     micro_batches = [batch]
     for trick in tricks:
         micro_batches = [mb for b in micro_batches for mb in trick.split_batch(b)]
+    set_to_none = all(trick.release_gradients() for trick in tricks)
+    criterion: Criterion = F.cross_entropy
+    for trick in tricks:
+        criterion = trick.criterion(criterion)
+
+    def model_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return criterion(model(inputs), targets)
+
+    loss_fn: LossFn = model_loss
+    for trick in tricks:
+        loss_fn = trick.wrap_loss(loss_fn)
 
     def compute_grads() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         total = torch.zeros((), device=batch[0].device)
         for i, (inputs, targets) in enumerate(micro_batches):
             with contextlib.ExitStack() as sync:
@@ -79,7 +97,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[T
                     for trick in tricks:
                         stack.enter_context(trick.forward_context())
                     # Mean loss per micro-batch / their count = the mean over the whole batch.
-                    loss = F.cross_entropy(model(inputs), targets) / len(micro_batches)
+                    loss = loss_fn(inputs, targets) / len(micro_batches)
                 total += loss.detach().float()
                 for trick in tricks:
                     loss = trick.scale_loss(loss)
@@ -89,7 +107,14 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[T
     step = instrument(StepFns(compute_grads, optimizer.step))
     for trick in tricks:
         step = trick.wrap_step(step)
-    return step
+    inner_update = step.apply_update
+
+    def apply_update() -> None:
+        for trick in tricks:  # the true gradients of the step, whatever wrapped it
+            trick.process_gradients()
+        inner_update()
+
+    return StepFns(step.compute_grads, apply_update)
 
 
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, tricks: list[Trick], batch: Batch,
@@ -177,13 +202,14 @@ def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
     # rank 0's on every rank (DDP broadcasts them), the data order comes from the sampler's seed.
     seed_everything(seed + distributed.rank())
     torch.use_deterministic_algorithms(config.deterministic)
-    splits = build_dataset(config)
     tricks = build_tricks(config)
+    transforms = [t for t in (trick.sample_transform() for trick in tricks) if t is not None]
+    splits = build_dataset(config, train_transforms=transforms)
     model = build_model(config.model, splits.num_classes).to(device)  # on its device before a DDP wrap
     for trick in tricks:
         model = trick.prepare_model(model)
     model.train()
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model, tricks)
     for trick in tricks:
         trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
     return Run(config, device, splits, model, optimizer, tricks)
@@ -283,6 +309,8 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         time_to_target_s=recorder.time_to_target_s(config.target_accuracy),
         **every_rank_memory(memory),
     )
+    for trick in run.tricks:
+        metrics.update(trick.metrics())
     return metrics
 
 

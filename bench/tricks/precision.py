@@ -63,10 +63,17 @@ class Precision(Trick):
             return step
         scaler, optimizer = self.scaler, self._optimizer
 
+        def compute_grads() -> torch.Tensor:
+            loss = step.compute_grads()
+            # The true gradients from here on, so process_gradients (clipping) sees them; the
+            # scaler remembers whether any was inf/NaN and scaler.step skips that update.
+            scaler.unscale_(optimizer)
+            return loss
+
         def apply_update() -> None:
-            # scaler.step unscales, skips the step if any gradient is inf/NaN, then update()
-            # shrinks the scale after a skip and grows it after a run of good steps.
+            # Skips the step if any gradient was inf/NaN, then update() shrinks the scale after
+            # a skip and grows it after a run of good steps.
             scaler.step(optimizer)
             scaler.update()
 
-        return StepFns(step.compute_grads, apply_update)
+        return StepFns(compute_grads, apply_update)
