@@ -102,12 +102,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         for cell in matrix.cells:
             print(f"  {cell.cell_id}  {cell.label()}")
         return 0
+    devices = local_devices(args, matrix)
     try:
-        outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed)
+        outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed, devices=devices)
     except Terminated as stopped:
         print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 128 + stopped.signum
     return summarize(outcome, out_dir)
+
+
+def device_list(text: str) -> tuple[int, ...]:
+    """``--devices 0,1,3``: distinct GPU indices."""
+    try:
+        indices = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        indices = ()
+    if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
+        raise argparse.ArgumentTypeError(f"{shorten(text)} is not a list of distinct GPU indices such as 0,1,2,3")
+    return indices
+
+
+def local_devices(args: argparse.Namespace, matrix):
+    """What the runs may use here, from --devices, --parallel and --shared-timing; ConfigError
+    (one line, exit 2, before anything runs) for a choice that cannot work or would corrupt timing."""
+    from bench.runner import default_devices
+    from bench.slots import LocalDevices, request_for, too_wide
+
+    if args.parallel > 1 and not args.shared_timing:
+        raise ConfigError("arguments", f"--parallel {args.parallel}", "CPU runs side by side share the cores and "
+                          "disturb each other's timing; add --shared-timing to run them anyway (their rows are "
+                          "marked and their timing is never compared)")
+    if args.shared_timing and args.parallel == 1:
+        raise ConfigError("arguments", "--shared-timing", "needs --parallel N with N > 1 (CPU runs at once)")
+    devices = default_devices(matrix)
+    if args.devices is not None:
+        if not any(c.config.device == "cuda" for c in matrix.cells):
+            raise ConfigError("arguments", "--devices", f"picks GPUs, and no cell of {matrix.name} runs on cuda "
+                              "(CPU runs side by side: --parallel N --shared-timing)")
+        if max(args.devices) >= len(devices.gpus):
+            raise ConfigError("arguments", "--devices", f"GPU {max(args.devices)} does not exist; "
+                              f"{len(devices.gpus)} visible (0-{len(devices.gpus) - 1})")
+        devices = LocalDevices(gpus=args.devices)
+    devices = LocalDevices(devices.gpus, args.parallel, args.shared_timing)
+    requests = {f"cell {c.label()}": request_for(c.config, args.shared_timing) for c in matrix.cells}
+    if problem := too_wide(requests, devices.gpus):
+        raise ConfigError("arguments", "--devices", problem)
+    return devices
 
 
 def summarize(outcome, out_dir: Path) -> int:
@@ -155,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS} cells")
     run.add_argument("--retry-failed", action="store_true",
                      help="run failed runs again (new rows; the newest row of a run counts)")
+    run.add_argument("--devices", type=device_list, metavar="0,1,...",
+                     help="GPUs to run on, one run per GPU at a time (default: every visible GPU)")
+    run.add_argument("--parallel", type=positive_int, default=1, metavar="N",
+                     help="CPU runs at once (needs --shared-timing; default 1)")
+    run.add_argument("--shared-timing", action="store_true",
+                     help="allow --parallel CPU runs; their rows are marked and their timing not compared")
     run.set_defaults(func=cmd_run)
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])

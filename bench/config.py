@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 from bench.registry import did_you_mean
 from bench.results import clip
@@ -125,10 +125,24 @@ class TrainConfig:
         data.update(data.pop("tricks"))
         return data
 
+    def identity(self, keep: Iterable[str] = ()) -> dict[str, Any]:
+        """:meth:`to_dict` with the run settings not in ``keep`` at their defaults: what makes two
+        runs the same run."""
+        defaults = TrainConfig()
+        # An image folder's data_dir is the dataset itself, not a cache location.
+        settings = [n for n in RUN_SETTINGS if n not in keep and not (n == "data_dir" and self.dataset == "imagefolder")]
+        return dataclasses.replace(self, **{name: getattr(defaults, name) for name in settings}).to_dict()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], file: str = "<config>", where: str = "") -> "TrainConfig":
         return build_train_config(data, file, where)
 
+
+# Fields that say how or where a run is carried out, not what it computes: a run either computes
+# the same thing or stops (time limit, memory cap: a timeout or oom row). They are left out of a
+# cell's identity, so editing one neither re-runs finished runs nor counts as an edited matrix;
+# the row's config records the value the run had.
+RUN_SETTINGS = ("time_limit_s", "memory_limit_mb", "data_dir", "download", "launcher")
 
 RANGES: dict[str, tuple[float, float]] = {  # inclusive bounds of numeric fields
     "batch_size": (1, 10**7), "epochs": (1, 10**6), "steps": (1, 10**9),
@@ -298,8 +312,13 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """Stable hash of the resolved config (seed excluded): the key for resume and joins."""
-        blob = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        """Stable hash of what the run computes (seed excluded): the key for resume and joins.
+
+        Run settings (:data:`RUN_SETTINGS`) are hashed at their defaults, so editing one keeps the
+        cell's identity and its finished runs, and ids of configs that never set one are unchanged;
+        one that is an axis of the matrix (a sweep of memory caps) tells its cells apart and counts.
+        """
+        blob = json.dumps(self.config.identity(keep=self.axes), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def label(self) -> str:

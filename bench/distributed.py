@@ -65,8 +65,10 @@ def local_rank() -> int:
 
 
 def threads_per_rank(ranks_on_this_machine: int) -> int:
-    """Intra-op threads for each of n ranks sharing this machine's cores, so they do not oversubscribe."""
-    return max(1, (os.cpu_count() or 1) // ranks_on_this_machine)
+    """Intra-op threads for each of n ranks sharing this machine's cores, so they do not oversubscribe
+    (the cores the runner gave this run when it runs beside others: ``TRICKBENCH_CORES``)."""
+    cores = int(os.environ.get("TRICKBENCH_CORES") or os.cpu_count() or 1)
+    return max(1, cores // ranks_on_this_machine)
 
 
 def rank_device(name: str) -> torch.device:

@@ -19,10 +19,11 @@ import math
 import os
 import stat
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from bench import machine
 from bench.figures import write_figures
 from bench.results import (CSV_FILE, clip, MATRIX_FILE, ROWS_FILE, StoreError, latest_runs, print_warning,
                            read_matrix_record, read_rows, refuse_link, write_atomic, write_csv)
@@ -269,16 +270,76 @@ def environment_section(rows: list[Row]) -> list[str]:
     return lines + [md_table(["field", "value"], table, numeric=False)]
 
 
+def machine_section(rows: list[Row], others: dict[str, list[Row]]) -> list[str]:
+    """Which machine the tables come from, and the other machines whose rows the folder holds."""
+    if not rows:
+        return []
+    key = machine.latest_machine(rows)
+    lines = [f"Measured on machine `{key}`: {machine.describe(rows[-1].get('env'))}."]
+    if others:
+        table = [[f"`{k}`", machine.describe(r[-1].get("env")), _ok_failed(r)] for k, r in others.items()]
+        lines += ["", f"**This folder also holds runs measured on {len(others)} other machine"
+                  f"{'s' if len(others) > 1 else ''}: reported apart under \"Results on other machines\", "
+                  "never pooled with these.**", "",
+                  md_table(["machine", "what it is", "runs"], table, numeric=False)]
+    return lines
+
+
+def _ok_failed(rows: list[Row]) -> str:
+    ok = sum(r.get("status") == "ok" for r in rows)
+    return f"{ok} ok / {len(rows) - ok} failed"
+
+
+def other_machines_section(others: dict[str, list[Row]], baseline_cell_id: Optional[str],
+                           design: Optional[str]) -> list[str]:
+    """The results tables of every other machine, each against its own baseline runs."""
+    if not others:
+        return []
+    lines = ["## Results on other machines", ""]
+    for key, rows in others.items():
+        lines += [f"### Machine `{key}`", "", f"{machine.describe(rows[-1].get('env'))}; {_ok_failed(rows)}.", ""]
+        try:
+            stats = all_cell_stats(rows, baseline_cell_id)
+        except ValueError:  # no run of the baseline cell on that machine
+            lines += ["The baseline cell has no run on this machine: nothing to compare against.", ""]
+            continue
+        body = one_at_a_time_section(stats) if (design or infer_design(stats)) == "one_at_a_time" \
+            else factorial_section(stats)
+        lines += ["#" + line if line.startswith("### ") else line for line in body]
+    return lines
+
+
 # --- the report and the index --------------------------------------------------------------------------
 
 @dataclass
 class StoredResults:
-    """What a report is built from: the standing rows of the recorded matrix, and its baseline."""
+    """What a report is built from: the standing rows of the recorded matrix, and its baseline.
+
+    Rows of different machines are never pooled: ``rows`` are those of the machine that wrote the
+    last row (the one being measured now), ``others`` the standing rows of each other machine."""
 
     rows: list[Row]  # the newest row of each (cell, seed), in the matrix's cell order when recorded
     all_rows: list[Row]  # every usable row of cells.jsonl (for results.csv)
     baseline_cell_id: Optional[str]  # None: no matrix.json, the first row's cell is the baseline
     design: Optional[str]  # None: inferred from the cells' axes
+    machine: Optional[str] = None  # fingerprint of ``rows``' machine (bench.machine); None without rows
+    others: dict[str, list[Row]] = field(default_factory=dict)  # other machine → its standing rows
+
+
+def split_by_machine(rows: list[Row], order: Optional[dict[str, int]] = None) -> tuple[Optional[str], dict[str, list[Row]]]:
+    """(the latest machine, machine → its standing rows), each machine's rows apart, in cell order."""
+    by_machine: dict[str, list[Row]] = {}
+    for key in machine.machines(rows):
+        standing = list(latest_runs(machine.rows_of(rows, key)).values())
+        by_machine[key] = sorted(standing, key=lambda r: order[r["cell_id"]]) if order else standing
+    return machine.latest_machine(rows), by_machine
+
+
+def _stored(rows: list[Row], all_rows: list[Row], baseline: Optional[str], design: Optional[str],
+            order: Optional[dict[str, int]] = None) -> StoredResults:
+    latest, by_machine = split_by_machine(rows, order)
+    mine = by_machine.pop(latest, []) if latest else []
+    return StoredResults(mine, all_rows, baseline, design, latest, by_machine)
 
 
 def load_results(out_dir: Path, warn: bool = True) -> StoredResults:
@@ -296,19 +357,18 @@ def load_results(out_dir: Path, warn: bool = True) -> StoredResults:
     except StoreError as err:
         if warn:
             print_warning(f"{err}; reporting every row, baseline = the cell of the first row")
-        return StoredResults(list(latest_runs(rows).values()), rows, None, None)
+        return _stored(rows, rows, None, None)
     if record is None:
         if warn and rows:
             print_warning(f"{out_dir}: no {MATRIX_FILE} (results of an older trickbench): baseline = the "
                           "cell of the first row, design inferred")
-        return StoredResults(list(latest_runs(rows).values()), rows, None, None)
+        return _stored(rows, rows, None, None)
     order = {c["cell_id"]: i for i, c in enumerate(record["cells"])}
     seeds = set(record["seeds"])
     kept = [r for r in rows if r["cell_id"] in order and r["seed"] in seeds]
     if warn and len(kept) < len(rows):
         print_warning(f"{path}: {len(rows) - len(kept)} rows of cells or seeds not in {MATRIX_FILE} left out")
-    standing = sorted(latest_runs(kept).values(), key=lambda r: order[r["cell_id"]])
-    return StoredResults(standing, rows, record["baseline_cell_id"], record["design"])
+    return _stored(kept, rows, record["baseline_cell_id"], record["design"], order)
 
 
 def load_rows(out_dir: Path) -> list[Row]:
@@ -327,9 +387,12 @@ def refuse_linked_figures(folder: Path) -> None:
 
 
 def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str],
-                  design: Optional[str] = None) -> str:
+                  design: Optional[str] = None, others: Optional[dict[str, list[Row]]] = None,
+                  baseline_cell_id: Optional[str] = None) -> str:
     """The markdown text of a report; ``figures`` are file names under ``figures/``; ``design``
-    as recorded in matrix.json (None: inferred, and the baseline is the first row's cell)."""
+    as recorded in matrix.json (None: inferred, and the baseline is the first row's cell);
+    ``others``: the standing rows of other machines, reported apart."""
+    others = others or {}
     recorded = design is not None
     design = design or infer_design(stats)
     ok = sum(r.get("status") == "ok" for r in rows)
@@ -340,13 +403,15 @@ def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: 
              f"{len({r['seed'] for r in rows})} seeds; design {design} "
              f"({'from matrix.json' if recorded else INFERRED}).", "",
              f"Baseline: {'the first cell of the matrix' if recorded else 'the cell of the first row written'} "
-             f"({base_axes}); other cells are named by the axis values in which they differ from it.", ""]
+             f"({base_axes}); other cells are named by the axis values in which they differ from it.", "",
+             *machine_section(rows, others), ""]
     if not stats[0]["n_ok"]:
         lines += ["**The baseline has no successful run: no comparisons are possible.**", ""]
     lines += ["## Environment", "", *environment_section(rows), "", "## Results", "", LEGEND, "",
               *unstable_note(stats)]
     lines += one_at_a_time_section(stats) if design == "one_at_a_time" else factorial_section(stats)
     lines += scaling_section(stats)
+    lines += other_machines_section(others, baseline_cell_id or stats[0]["cell_id"], design)
     labels = {s["cell_id"]: s["label"] for s in stats}
     lines += ["## Runs under competing load", "", *load_section(rows, labels), ""]
     lines += ["## Failed runs", "", *failures_section(rows, labels), "", "## Figures", ""]
@@ -367,7 +432,8 @@ def build_report(out_dir: Path) -> Path:
         return report
     stats = all_cell_stats(results.rows, results.baseline_cell_id)
     figures, notes = write_figures(stats, results.design or infer_design(stats), out_dir / FIGURES_DIR)
-    write_atomic(report, render_report(results.rows, stats, figures, notes, results.design))
+    write_atomic(report, render_report(results.rows, stats, figures, notes, results.design, results.others,
+                                       results.baseline_cell_id))
     write_csv(results.all_rows, out_dir / CSV_FILE)
     return report
 
@@ -428,7 +494,7 @@ def write_index(results_dir: Path) -> Path:
     if not table:
         lines.append("No results yet.")
     else:
-        lines += [md_table(["matrix", "runs", "device"], table, numeric=False), "", *sections]
+        lines += [md_table(["matrix", "runs", "machine"], table, numeric=False), "", *sections]
     index = results_dir / "README.md"
     write_atomic(index, "\n".join(lines).rstrip() + "\n")
     return index
@@ -445,12 +511,17 @@ def index_entry(results_dir: Path, rows_path: Path) -> tuple[list[str], list[str
     link = report.relative_to(results_dir).as_posix()
     name = ", ".join(dict.fromkeys(str(r.get("matrix")) for r in rows)) or folder.name
     failed = Counter(r.get("status") for r in rows if r.get("status") != "ok")
-    devices = ", ".join(dict.fromkeys(str(r["env"].get("device_name")) for r in rows if r.get("env"))) or "—"
+    devices = f"`{results.machine}` {machine.describe(rows[-1].get('env'))}" if rows else "—"
+    others = [f"`{key}` {machine.describe(r[-1].get('env'))}: {_ok_failed(r)}" for key, r in results.others.items()]
     row = [f"[{name}]({link})", f"{len(rows) - sum(failed.values())} ok / {sum(failed.values())} failed"
-           + (f" ({', '.join(f'{k} {n}' for k, n in failed.items())})" if failed else ""), devices]
+           + (f" ({', '.join(f'{k} {n}' for k, n in failed.items())})" if failed else ""),
+           devices + (f" (+ {len(others)} other machine{'s' if len(others) > 1 else ''}, reported apart)"
+                      if others else "")]
     findings = headline_findings(all_cell_stats(rows, results.baseline_cell_id)) if rows else ["no rows yet"]
+    also = [f"Also in this folder, not pooled with the findings above (see the report): {'; '.join(others)}.", ""] \
+        if others else []
     return row, [f"## [{name}]({link})", "", f"`{folder.relative_to(results_dir).as_posix() or '.'}` on {devices}",
-                 "", *[f"- {f}" for f in findings], ""]
+                 "", *[f"- {f}" for f in findings], "", *also]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -129,7 +129,7 @@ OPTIONAL_FIELDS = {"config": dict, "error": (str, _NONE), "failed_at_step": (int
                    "step_times_ms": list, "memory_breakdown": dict, "curve": list, "env": (dict, _NONE),
                    "accuracy_top1": (*_NUMBER, _NONE), "final_train_loss": (*_NUMBER, _NONE),
                    "wall_time_s": (*_NUMBER, _NONE), "load_avg_1m_start": (*_NUMBER, _NONE),
-                   "load_avg_1m_end": (*_NUMBER, _NONE)}
+                   "load_avg_1m_end": (*_NUMBER, _NONE), "shared_timing": bool}
 
 
 def _type_problem(row: Row, name: str, types: Any, required: bool) -> Optional[str]:

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench import lifeline
+from bench import lifeline, machine
 from bench.config import Cell, Matrix, TrainConfig
 from bench.distributed import threads_per_rank
+from bench.slots import DevicePool, LocalDevices, Placement, child_environment, request_for
 from bench.results import (CSV_FILE, LOCK_FILE, MATRIX_FILE, ROWS_FILE, WORK_DIR, Row, RunRecord,
                            StoreError, append_row, end_torn_row, latest_runs, matrix_change, matrix_record,
                            open_for_writing, read_matrix_record, read_rows, refuse_link, row_problem,
@@ -164,21 +165,30 @@ def worker_command(config: TrainConfig, job_path: Path, run_id: str) -> tuple[li
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """End a child and everything it started.
+    """End a child and everything it started (see :func:`stop_all`)."""
+    stop_all([proc])
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """End children and everything they started, all within one grace period.
 
     SIGTERM first: torchrun answers it by stopping its ranks, which it starts in sessions of their
-    own where killpg cannot reach them. Then SIGKILL to whatever is left of the child's group.
-    Ctrl-C and SIGTERM wait until this is done: an interrupted stop would leave the child running.
+    own where killpg cannot reach them. Then SIGKILL to whatever is left of each child's group.
+    Ctrl-C and SIGTERM wait until this is done: an interrupted stop would leave children running.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=STOP_GRACE_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -191,17 +201,28 @@ def _arm_death_signal() -> None:
 
 def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> Row:
     """Train one (cell, seed) in a fresh interpreter (one per rank); always returns a row."""
-    job_path = write_job(work_dir, matrix.name, cell.cell_id, seed, cell.axes, cell.config.to_dict())
+    job = start_run(matrix, cell, seed, work_dir, extra_env={}, machine_env=None)
+    return job.wait()
+
+
+def start_run(matrix: Matrix, cell: Cell, seed: int, work_dir: Path, extra_env: dict[str, str],
+              machine_env: dict[str, Any] | None) -> "Job":
+    """Start one (cell, seed) in its own child with ``extra_env`` (its devices) on top of ours."""
+    job_path = write_job(work_dir, matrix.name, cell.cell_id, seed, cell.axes, cell.config.to_dict(),
+                         env=machine_env)
     command, env = worker_command(cell.config, job_path, f"{cell.cell_id}-{seed}")
-    return run_job_file(job_path, command, env, cell.config.time_limit_s)
+    if extra_env:
+        env = {**(env or os.environ), **extra_env}
+    return Job.start(job_path, command, env, cell.config.time_limit_s)
 
 
 def write_job(work_dir: Path, matrix: str, cell_id: str, seed: int, axes: dict[str, Any],
-              config: dict[str, Any], tag: str = "") -> Path:
-    """The job file a worker reads (``python -m bench.worker JOB``): what to train, where the row goes."""
+              config: dict[str, Any], tag: str = "", env: dict[str, Any] | None = None) -> Path:
+    """The job file a worker reads (``python -m bench.worker JOB``): what to train, where the row goes.
+    ``env``: the machine as the runner sees it, for a row the runner writes when the child leaves none."""
     stem = f"{cell_id}-{seed}{tag}"
     job = {"matrix": matrix, "cell_id": cell_id, "seed": seed, "axes": axes, "config": config,
-           "row_path": str(work_dir / f"{stem}.row.json"), "runner_pid": os.getpid()}
+           "row_path": str(work_dir / f"{stem}.row.json"), "runner_pid": os.getpid(), "env": env}
     job_path = work_dir / f"{stem}.job.json"
     write_atomic(job_path, json.dumps(job))
     return job_path
@@ -209,35 +230,68 @@ def write_job(work_dir: Path, matrix: str, cell_id: str, seed: int, axes: dict[s
 
 def run_job_file(job_path: Path, command: list[str], env: dict[str, str] | None, limit: float) -> Row:
     """Run the worker ``command`` on a job file; its row, or a failed row if it left none."""
-    job = json.loads(job_path.read_text(encoding="utf-8"))
-    row_path = Path(job["row_path"])
-    record = RunRecord(matrix=job["matrix"], cell_id=job["cell_id"], seed=job["seed"], axes=job["axes"],
-                       config=job["config"])
-    record.start()
-    started = time.monotonic()
-    # Own process group, so a timeout kills the child and anything it started.
-    proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
-    try:
-        code = proc.wait(timeout=limit)
-        failure = None if code == 0 else _describe_exit(code)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        failure = ("timeout", f"exceeded time_limit_s={limit:g}")
-    except BaseException:  # Ctrl-C or a kill of the parent: take the child down too
-        stop(proc)
-        raise
-    rows = rows_written(row_path)
-    # The first rank to fail names the cause (those after it mostly report a peer that went away),
-    # and says more than the exit code of the launcher that stopped the others.
-    failed_rows = [r for r in rows if r["status"] != "ok"]
-    if failed_rows:
-        return failed_rows[0]
-    if failure is None and rows:
-        return rows[0]
-    status, error = failure or ("error", "child exited without writing a row")
-    record.fail(status, error)
-    record.finish(time.monotonic() - started)
-    return record.to_row()
+    return Job.start(job_path, command, env, limit).wait()
+
+
+@dataclass
+class Job:
+    """One run's child process, from its start until its row is collected."""
+
+    proc: subprocess.Popen
+    record: RunRecord  # for a row the runner writes itself
+    row_path: Path
+    started: float
+    limit: float
+
+    @classmethod
+    def start(cls, job_path: Path, command: list[str], env: dict[str, str] | None, limit: float) -> "Job":
+        job = json.loads(job_path.read_text(encoding="utf-8"))
+        record = RunRecord.for_job(job)
+        record.env = job.get("env")
+        record.start()
+        # Own process group, so a timeout kills the child and anything it started.
+        proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
+        return cls(proc, record, Path(job["row_path"]), time.monotonic(), limit)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.limit
+
+    def wait(self) -> Row:
+        """Block until the child ends or overruns; its row. Ctrl-C stops the child too."""
+        try:
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+                if (row := self.collect()) is not None:
+                    return row
+        except BaseException:  # Ctrl-C or a kill of the parent: take the child down too
+            stop(self.proc)
+            raise
+
+    def collect(self) -> Row | None:
+        """The row of a child that has ended (an overrunning child is stopped first); None while
+        it still runs within its time limit."""
+        code = self.proc.poll()
+        if code is None:
+            if time.monotonic() < self.deadline:
+                return None
+            stop(self.proc)
+            failure = ("timeout", f"exceeded time_limit_s={self.limit:g}")
+        else:
+            failure = None if code == 0 else _describe_exit(code)
+        rows = rows_written(self.row_path)
+        # The first rank to fail names the cause (those after it mostly report a peer that went away),
+        # and says more than the exit code of the launcher that stopped the others.
+        failed_rows = [r for r in rows if r["status"] != "ok"]
+        if failed_rows:
+            return failed_rows[0]
+        if failure is None and rows:
+            return rows[0]
+        status, error = failure or ("error", "child exited without writing a row")
+        self.record.fail(status, error)
+        self.record.finish(time.monotonic() - self.started)
+        return self.record.to_row()
 
 
 def rows_written(row_path: Path) -> list[Row]:
@@ -274,9 +328,13 @@ class MatrixOutcome:
         return [r for r in self.standing if r["status"] != "ok"]
 
 
-def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False, retry_failed: bool = False) -> MatrixOutcome:
-    """Run every (cell, seed) of ``matrix`` without a row in ``out_dir`` (and, with ``retry_failed``,
-    those whose latest row is a failure). Refuses, writing nothing, a folder of another matrix."""
+def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False, retry_failed: bool = False,
+               devices: LocalDevices | None = None) -> MatrixOutcome:
+    """Run every (cell, seed) of ``matrix`` without a row from this machine in ``out_dir`` (and, with
+    ``retry_failed``, those whose latest row here is a failure), side by side on ``devices``
+    (default: every visible GPU for CUDA cells, one CPU run at a time). Refuses, writing nothing,
+    a folder of another matrix. Rows of other machines stay in the file and are not resumed."""
+    devices = devices or default_devices(matrix)
     with termination_as_exception(), exclusive(out_dir):
         rows_path = out_dir / ROWS_FILE
         for name in (ROWS_FILE, CSV_FILE, MATRIX_FILE):
@@ -286,26 +344,47 @@ def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False, retry_failed:
         rows = read_rows(rows_path)
         write_atomic(out_dir / MATRIX_FILE, json.dumps(check_matrix(out_dir, matrix, rows), indent=1))
         end_torn_row(rows_path)
-        latest = latest_runs(rows)
+        envs = machine.environments_here({c.config.device for c in matrix.cells}, devices.gpus)
+        here = {machine.fingerprint(env) for env in envs.values()}
+        _print_other_machines(rows, here, rows_path)
+        latest = latest_runs(r for r in rows if machine.row_machine(r) in here)
         todo = [(c, s) for c, s in matrix.runs() if (c.cell_id, s) not in latest
                 or (retry_failed and latest[c.cell_id, s]["status"] != "ok")]
         _print_resume(matrix, latest, todo, rows_path, retry_failed)
         work = fresh_work_dir(out_dir)
         try:
-            written = _run_all(matrix, todo, work, rows_path)
+            written = LocalRuns(matrix, work, rows_path, devices, envs).run(todo)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         rows = read_rows(rows_path, warn=False)
         write_csv(rows, out_dir / CSV_FILE)
-    outcome = MatrixOutcome(written, standing_rows(matrix, rows), len(matrix.runs()))
+    outcome = MatrixOutcome(written, standing_rows(matrix, [r for r in rows if machine.row_machine(r) in here]),
+                            len(matrix.runs()))
     _print_scaling(matrix, outcome.standing)
     return outcome
+
+
+def default_devices(matrix: Matrix) -> LocalDevices:
+    """Every visible GPU when some cell runs on CUDA; CPU runs one at a time."""
+    if any(c.config.device == "cuda" for c in matrix.cells):
+        import torch
+
+        return LocalDevices(gpus=tuple(range(torch.cuda.device_count())))
+    return LocalDevices()
 
 
 def standing_rows(matrix: Matrix, rows: list[Row]) -> list[Row]:
     """The latest row of every (cell, seed) of ``matrix``, in run order; runs without a row are left out."""
     latest = latest_runs(rows)
     return [latest[c.cell_id, s] for c, s in matrix.runs() if (c.cell_id, s) in latest]
+
+
+def _print_other_machines(rows: list[Row], here: set[str], rows_path: Path) -> None:
+    others = {key: text for key, text in machine.machines(rows).items() if key not in here}
+    for key, text in others.items():
+        count = sum(machine.row_machine(r) == key for r in rows)
+        print(f"note: {count} rows in {rows_path} were measured on another machine ({key}: {text}); "
+              "kept as reference, not resumed: this machine measures its own")
 
 
 def _print_resume(matrix: Matrix, latest: dict, todo: list, rows_path: Path, retry_failed: bool) -> None:
@@ -319,26 +398,99 @@ def _print_resume(matrix: Matrix, latest: dict, todo: list, rows_path: Path, ret
         print(f"  {kept} of them failed and are not run again (--retry-failed reruns them)")
 
 
-def _run_all(matrix: Matrix, todo: list[tuple[Cell, int]], work: Path, rows_path: Path) -> list[Row]:
-    total = len(matrix.runs())
-    written = []
-    started = time.monotonic()
-    for index, (cell, seed) in enumerate(todo, 1):
-        print(f"[{total - len(todo) + index:>3}/{total}] {cell.label()} seed={seed}", flush=True)
-        row = run_in_child(matrix, cell, seed, work)
-        append_row(rows_path, row)
-        written.append(row)
-        elapsed = time.monotonic() - started
-        eta = elapsed / index * (len(todo) - index)
+@dataclass
+class Flight:
+    """A run in progress: what it is, where it runs, and whether another run shared its timing."""
+
+    cell: Cell
+    seed: int
+    job: Job
+    placement: Placement
+    shared: bool = False
+
+
+class LocalRuns:
+    """Runs (cell, seed) pairs in round-robin order, as many at once as the devices allow.
+
+    The runner is the only writer of ``cells.jsonl``: children write their row to a file of their
+    own in the work folder, and the runner appends it when the child has ended. A failed run is a
+    row like any other and the others go on; Ctrl-C or SIGTERM stops every child before leaving.
+    """
+
+    POLL_S = 0.05  # how often to look at children when several run
+
+    def __init__(self, matrix: Matrix, work: Path, rows_path: Path, devices: LocalDevices,
+                 envs: dict[int | None, dict[str, Any]]) -> None:
+        self.matrix, self.work, self.rows_path, self.devices, self.envs = matrix, work, rows_path, devices, envs
+        self.pool = DevicePool(devices.gpus, devices.cpu_slots)
+        self.flights: list[Flight] = []
+        self.written: list[Row] = []
+
+    def run(self, todo: list[tuple[Cell, int]]) -> list[Row]:
+        queue = list(todo)
+        self.done_before, self.todo_count, self.started = len(self.matrix.runs()) - len(todo), len(todo), time.monotonic()
+        try:
+            while queue or self.flights:
+                while queue and (placement := self.pool.place(request_for(queue[0][0].config,
+                                                                          self.devices.shared_timing))):
+                    self._launch(*queue.pop(0), placement)
+                self._wait()
+                for flight in list(self.flights):
+                    if (row := flight.job.collect()) is not None:
+                        self._finish(flight, row)
+        except BaseException:
+            stop_all([f.job.proc for f in self.flights])
+            raise
+        return self.written
+
+    def _launch(self, cell: Cell, seed: int, placement: Placement) -> None:
+        env = self.envs.get(placement.gpus[0] if placement.gpus else None)
+        job = start_run(self.matrix, cell, seed, self.work, child_environment(placement, self.devices.cpu_slots), env)
+        flight = Flight(cell, seed, job, placement)
+        for other in self.flights:  # a CPU run beside any other run: neither one's clock is its own
+            if placement.is_cpu or other.placement.is_cpu:
+                other.shared = flight.shared = True
+        self.flights.append(flight)
+        where = f" on cuda:{','.join(map(str, placement.gpus))}" if placement.gpus else ""
+        print(f"[{self._position():>3}/{len(self.matrix.runs())}] {cell.label()} seed={seed}{where}"
+              + (f" | {len(self.flights)} in flight" if len(self.flights) > 1 else ""), flush=True)
+
+    def _wait(self) -> None:
+        """Until some child may have ended: block on the only one, or poll several."""
+        if len(self.flights) == 1:
+            job = self.flights[0].job
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.proc.wait(timeout=max(0.0, job.deadline - time.monotonic()))
+        elif self.flights:
+            time.sleep(self.POLL_S)
+
+    def _finish(self, flight: Flight, row: Row) -> None:
+        self.flights.remove(flight)
+        self.pool.release(flight.placement)
+        if flight.shared:
+            row = {**row, "shared_timing": True}
+        append_row(self.rows_path, row)
+        self.written.append(row)
+        done = len(self.written)
+        eta = (time.monotonic() - self.started) / done * (self.todo_count - done)
         detail = row["error"]
         if row["status"] == "ok":
             accuracy = row.get("accuracy_top1")
             detail = (f"{row['throughput_samples_per_s']:.1f} samples/s, peak "
                       f"{row['peak_memory_bytes'] / 2**20:.1f} MiB, top-1 "
                       + ("-" if accuracy is None else f"{accuracy:.3f}"))
-        print(f"      {row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
-              f" | ETA {_format_duration(eta)}", flush=True)
-    return written
+        label = f"{flight.cell.label()} seed={flight.seed}: " if self.devices_in_use() else ""
+        print(f"      {label}{row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
+              f" | done {self.done_before + done}/{len(self.matrix.runs())}"
+              + (f", {len(self.flights)} in flight" if self.flights else "")
+              + f" | ETA {_format_duration(eta)}", flush=True)
+
+    def devices_in_use(self) -> bool:
+        """Whether runs may overlap, so that a finished line must name its run."""
+        return len(self.devices.gpus) > 1 or self.devices.cpu_slots > 1
+
+    def _position(self) -> int:
+        return self.done_before + len(self.written) + len(self.flights)
 
 
 def _print_scaling(matrix: Matrix, rows: list[Row]) -> None:

@@ -11,6 +11,7 @@ from bench.results import RunRecord, write_atomic
 def main(job_path: str) -> None:
     job = json.loads(open(job_path).read())
     record = RunRecord.for_job(job)
+    record.env = job.get("env")  # the machine as the runner sees it (the real worker measures its own)
     record.start()
     if job["cell_id"] in os.environ.get("FAKE_WORKER_FAIL", "").split(","):
         record.fail("error", "RuntimeError: planted failure")
