@@ -91,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
+    devices = local_devices(args, matrix)
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
         out_dir.mkdir(parents=True, exist_ok=True)
     for warning in matrix.warnings:
@@ -102,7 +103,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         for cell in matrix.cells:
             print(f"  {cell.cell_id}  {cell.label()}")
         return 0
-    devices = local_devices(args, matrix)
     try:
         outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed, devices=devices)
     except Terminated as stopped:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -100,6 +101,7 @@ class CellRecord:
     failed: list[str] = field(default_factory=list)  # "status seed=N: error" of failed runs
     spreads: dict[str, float] = field(default_factory=dict)  # metric → measured relative spread
     under_load: int = 0  # ok runs whose timing ran under competing load (bench.stats.ran_under_load)
+    shared_timing: int = 0  # ok runs that ran beside other runs on the same CPU (run --shared-timing)
 
 
 @dataclass
@@ -157,6 +159,7 @@ def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, Ce
             cell.failed.append(f"{row.get('status')} seed={row['seed']}: {row.get('error')}")
             continue
         cell.under_load += bool(ran_under_load(row))
+        cell.shared_timing += bool(row.get("shared_timing"))
         envs.setdefault(cell.cell_id, []).append({"schema_version": row.get("schema_version"),
                                                   **(row.get("env") or {})})
         for metric in METRICS:
@@ -216,10 +219,26 @@ def load_side(path: str | Path) -> dict[str, CellRecord]:
             return pytest_bench.cells_from_runs([(str(path), data)])
         cells = cells_from_baseline(data, str(path))
     else:
-        cells = cells_from_rows(read_rows(path), str(path))
+        cells = cells_from_rows(one_machine(read_rows(path), path), str(path))
     if not cells:
         raise BadInput(f"{path}: no rows to compare")
     return cells
+
+
+def one_machine(rows: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
+    """The rows of the machine that wrote the last row: a folder resumed on new hardware keeps the
+    old machine's rows as reference data, and comparing pooled machines would compare nothing."""
+    from bench import machine
+
+    found = machine.machines(rows)
+    if len(found) <= 1:
+        return rows
+    latest = machine.latest_machine(rows)
+    left = {key: text for key, text in found.items() if key != latest}
+    print(f"warning: {source}: comparing the rows of machine {latest} ({found[latest]}); rows of "
+          f"{len(left)} other machine(s) left out: {'; '.join(f'{k} ({t})' for k, t in left.items())}",
+          file=sys.stderr)
+    return machine.rows_of(rows, latest)
 
 
 # ---- the rules -------------------------------------------------------------------------------
@@ -369,8 +388,14 @@ def judge_metric(metric: Metric, base: CellRecord, new: CellRecord, policy: Poli
 
 def loaded_timing(verdict: Verdict, base: CellRecord, new: CellRecord) -> Verdict:
     """A timing call from runs that shared the machine with other work says nothing about the
-    code: such a REGRESSED/IMPROVED becomes NOT COMPARABLE (never a gate), with the count."""
-    loaded = [f"{cell.under_load} {side} runs" for side, cell in (("base", base), ("new", new)) if cell.under_load]
+    code: such a REGRESSED/IMPROVED becomes NOT COMPARABLE (never a gate), with the count.
+    Runs started side by side on purpose (``run --shared-timing``) are never compared at all."""
+    sides = (("base", base), ("new", new))
+    shared = [f"{cell.shared_timing} {side} runs" for side, cell in sides if cell.shared_timing]
+    if shared:
+        return dataclasses.replace(verdict, verdict=NOT_COMPARABLE, fails=False,
+                                   note=f"timed beside other runs (--shared-timing): {', '.join(shared)}")
+    loaded = [f"{cell.under_load} {side} runs" for side, cell in sides if cell.under_load]
     if not loaded:
         return verdict
     note = f"under competing load: {', '.join(loaded)}"

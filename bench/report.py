@@ -108,8 +108,17 @@ def fmt_speedup(speedup: Comparison) -> str:
 
 
 def fmt_runs(s: Row) -> str:
-    """ok/all runs, and how many of the ok runs ran under competing load."""
-    return f"{s['n_ok']}/{s['n_runs']}" + (f", {s['n_under_load']} under load" if s["n_under_load"] else "")
+    """ok/all runs, and how many of the ok runs ran under competing load or beside other runs."""
+    return (f"{s['n_ok']}/{s['n_runs']}" + (f", {s['n_under_load']} under load" if s["n_under_load"] else "")
+            + (f", {s['n_shared_timing']} shared timing" if s["n_shared_timing"] else ""))
+
+
+SHARED = "not comparable (shared timing)"
+
+
+def timing_shared(s: Row) -> bool:
+    """Whether the cell's or the baseline's runs were timed beside other runs: no speed call then."""
+    return bool(s["n_shared_timing"] or s["shared_baseline"])
 
 
 CELL_HEADERS = ["cell", "ok runs", "throughput (samples/s)", "median step (ms)", "peak memory (MiB)",
@@ -128,16 +137,19 @@ LEGEND = ("The unit of replication is the run (one seed, one process): each run 
           "or the baseline there is no call and no interval; the cell says `n=K: too few runs to call` "
           "(K = the smaller run count). `*` on Δ top-1 = its interval excludes 0. `under load` = runs whose "
           f"1-minute load average at start or end exceeded {LOAD_HEADROOM:g} × the CPU cores (competing "
-          "work; listed below the tables). `—` = no data.")
+          "work; listed below the tables). `shared timing` = runs started beside other runs on the same CPU "
+          f"(`run --parallel N --shared-timing`): their speed is shown but never compared ({SHARED}). "
+          "`—` = no data.")
 
 
 def cell_row(s: Row) -> list[str]:
     change = s["accuracy_change"]
     ref = s["is_base"]
+    shared = timing_shared(s)
     return [f"**{s['label']}**" if ref else s["label"], fmt_runs(s), fmt_ci(s["throughput"]),
-            fmt(s["step_ms"]) + ("" if ref else verdict_mark(s["step_verdict"])),
+            fmt(s["step_ms"]) + ("" if ref or shared else verdict_mark(s["step_verdict"])),
             fmt(s["peak_mib"]), fmt(s["breakdown"]["activations"]), fmt_ci(s["accuracy"], 1), fmt(s["loss"], 3),
-            "ref" if ref else fmt_speedup(s["speedup"]),
+            "ref" if ref else SHARED if shared else fmt_speedup(s["speedup"]),
             "ref" if ref else fmt_ratio(s["memory_ratio"]),
             "ref" if ref else fmt_interval(change, "", 1, excludes(change[1], change[2], 0.0), signed=True)]
 
@@ -450,7 +462,8 @@ def headline_findings(stats: list[Row]) -> list[str]:
 
     def versus(s: Row) -> str:
         call = s["step_verdict"]
-        pace = (f" ({too_few_note(call.n_base, call.n_cell)})" if call.too_few else " (within noise)"
+        pace = (" (shared timing: not compared)" if timing_shared(s) else
+                f" ({too_few_note(call.n_base, call.n_cell)})" if call.too_few else " (within noise)"
                 if not call.significant else " (slower)" if call.ratio > 1 else " (faster)")
         return f"{fmt(s['speedup'].ratio, 2)}× throughput{pace}, {fmt(s['memory_ratio'], 2)}× peak memory vs baseline"
 

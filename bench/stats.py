@@ -255,6 +255,9 @@ def cell_stats(cell: Row, base: Row) -> Row:
         "n_ok": len(ok), "n_runs": len(ok) + len(cell["failed"]),
         "runs": [{"seed": r["seed"], "step_ms": s, "under_load": u} for r, s, u in zip(ok, run_steps, loads)],
         "n_under_load": sum(u is True for u in loads), "n_load_unknown": sum(u is None for u in loads),
+        # runs timed beside other runs on purpose (run --shared-timing): their speed is not compared
+        "n_shared_timing": sum(bool(r.get("shared_timing")) for r in ok),
+        "shared_baseline": any(r.get("shared_timing") for r in base_ok),
         "throughput": summarize(throughput), "accuracy": summarize(accuracy),
         "step_ms": geometric_mean(run_steps),
         "peak_mib": mean_or_nan(peak), "loss": mean_or_nan(_values(ok, "final_train_loss")),
