@@ -1,7 +1,10 @@
 """Runs a matrix: one child process per (cell, seed), rows appended as each finishes.
 
-The parent only schedules and collects. It resumes by skipping (cell_id, seed) pairs already
-in ``cells.jsonl``, holds a lock so two runs never write one folder, and records a child that
+The parent only schedules and collects. It starts runs in round-robin order, as many at once as
+the devices allow (one per GPU, see :mod:`bench.slots`), and is the only writer of
+``cells.jsonl``: each child leaves its row in a file of its own, which the parent appends. It
+resumes by skipping (cell_id, seed) pairs that have a row measured on this machine
+(:mod:`bench.machine`), holds a lock so two runs never write one folder, and records a child that
 dies or overruns its time limit as a failed row, so the matrix always goes on.
 
 The folder belongs to one matrix, recorded in ``matrix.json`` at the start: running an edited
@@ -425,15 +428,20 @@ class LocalRuns:
         self.pool = DevicePool(devices.gpus, devices.cpu_slots)
         self.flights: list[Flight] = []
         self.written: list[Row] = []
+        self.total = len(matrix.runs())
+        self.done_before = self.todo_count = 0
+        self.started = time.monotonic()
 
     def run(self, todo: list[tuple[Cell, int]]) -> list[Row]:
         queue = list(todo)
-        self.done_before, self.todo_count, self.started = len(self.matrix.runs()) - len(todo), len(todo), time.monotonic()
+        self.done_before, self.todo_count = self.total - len(todo), len(todo)
         try:
             while queue or self.flights:
                 while queue and (placement := self.pool.place(request_for(queue[0][0].config,
                                                                           self.devices.shared_timing))):
                     self._launch(*queue.pop(0), placement)
+                if not self.flights and queue:  # the CLI refuses such a matrix before anything runs
+                    raise RuntimeError(f"{queue[0][0].label()}: needs more GPUs than {self.devices.gpus}")
                 self._wait()
                 for flight in list(self.flights):
                     if (row := flight.job.collect()) is not None:
@@ -452,7 +460,7 @@ class LocalRuns:
                 other.shared = flight.shared = True
         self.flights.append(flight)
         where = f" on cuda:{','.join(map(str, placement.gpus))}" if placement.gpus else ""
-        print(f"[{self._position():>3}/{len(self.matrix.runs())}] {cell.label()} seed={seed}{where}"
+        print(f"[{self._position():>3}/{self.total}] {cell.label()} seed={seed}{where}"
               + (f" | {len(self.flights)} in flight" if len(self.flights) > 1 else ""), flush=True)
 
     def _wait(self) -> None:
@@ -479,14 +487,14 @@ class LocalRuns:
             detail = (f"{row['throughput_samples_per_s']:.1f} samples/s, peak "
                       f"{row['peak_memory_bytes'] / 2**20:.1f} MiB, top-1 "
                       + ("-" if accuracy is None else f"{accuracy:.3f}"))
-        label = f"{flight.cell.label()} seed={flight.seed}: " if self.devices_in_use() else ""
+        label = f"{flight.cell.label()} seed={flight.seed}: " if self.may_overlap() else ""
         print(f"      {label}{row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
-              f" | done {self.done_before + done}/{len(self.matrix.runs())}"
+              f" | done {self.done_before + done}/{self.total}"
               + (f", {len(self.flights)} in flight" if self.flights else "")
               + f" | ETA {_format_duration(eta)}", flush=True)
 
-    def devices_in_use(self) -> bool:
-        """Whether runs may overlap, so that a finished line must name its run."""
+    def may_overlap(self) -> bool:
+        """Whether runs may overlap, so that the line of a finished run must name it."""
         return len(self.devices.gpus) > 1 or self.devices.cpu_slots > 1
 
     def _position(self) -> int:
