@@ -150,6 +150,28 @@ def test_parallel_cpu_runs_give_the_sequential_rows_marked_as_shared(write_matri
     assert {r["env"]["torch_threads"] for r in by_key["shared"].values() if r.get("shared_timing")} == {1}
 
 
+def test_an_interrupt_stops_every_child_before_the_runner_returns(write_matrix, tmp_path, fake_worker):
+    """In-process, so no death signal of a dying parent can do the runner's work for it."""
+    matrix = load_matrix(write_matrix(THREE_CELLS))
+    fake_worker.setattr(runner, "request_for", lambda config, shared: Request(gpus=1))
+    fake_worker.setenv("FAKE_WORKER_SLEEP_S", "600")
+    seen = []
+
+    def interrupted_wait(self):
+        if len(self.flights) < 2:
+            return
+        seen.extend(f.job.proc for f in self.flights)
+        raise KeyboardInterrupt
+
+    fake_worker.setattr(runner.LocalRuns, "_wait", interrupted_wait)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_matrix(matrix, out, devices=LocalDevices(gpus=(0, 1)))
+    assert len(seen) == 2 and all(proc.poll() is not None for proc in seen)  # ended and reaped
+    assert not processes_mentioning(str(out / ".work"))
+    assert read_rows(out / "cells.jsonl") == []
+
+
 def test_ctrl_c_stops_every_run_in_flight(write_matrix, tmp_path):
     path = write_matrix(SLOW_MATRIX)
     out = tmp_path / "out"
