@@ -99,6 +99,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs = matrix.runs()
     print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds = {len(runs)} runs "
           f"({matrix.design}) on {matrix.cells[0].config.device} -> {out_dir}")
+    if len(devices.gpus) > 1 or devices.cpu_slots > 1:
+        print("side by side: " + (f"one run per GPU on cuda:{','.join(map(str, devices.gpus))}"
+                                    if devices.gpus else "")
+              + (f"{'; ' if devices.gpus else ''}up to {devices.cpu_slots} CPU runs at once (shared timing: "
+                 "marked in the rows, speed not compared)" if devices.cpu_slots > 1 else ""))
     if args.dry_run:
         for cell in matrix.cells:
             print(f"  {cell.cell_id}  {cell.label()}")

@@ -2,6 +2,7 @@
 (bench.runner.LocalRuns) on fake GPUs, on shared CPU slots, and when stopped."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def test_ctrl_c_stops_every_run_in_flight(write_matrix, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", str(path), "--out", str(out),
                              "--parallel", "2", "--shared-timing"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**__import__("os").environ, "TRICKBENCH_FAULT": "hang@0"})
+                            env={**os.environ, "TRICKBENCH_FAULT": "hang@0"})
     wait_for(lambda: len(processes_mentioning(str(out / ".work"))) >= 2, 120, "two training children")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=90)
