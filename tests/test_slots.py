@@ -187,3 +187,22 @@ def test_ctrl_c_stops_every_run_in_flight(write_matrix, tmp_path):
     assert_no_child_left(out)
     assert_lock_free(out)
     assert read_rows(out / "cells.jsonl") == []  # runs in progress write no row
+
+
+def test_shared_timing_is_never_compared(tmp_path, monkeypatch):
+    """Rows timed side by side: the report shows their speed but makes no call, and compare says
+    NOT COMPARABLE for timing while still judging the exact counters."""
+    from bench.compare import NOT_COMPARABLE, PASS, compare_cells, load_side
+    from bench.report import build_report
+    from tests.test_report import toy_rows, write_rows
+
+    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
+    plain = write_rows(tmp_path / "plain", toy_rows())
+    shared = write_rows(tmp_path / "shared", [{**r, "shared_timing": True} for r in toy_rows()])
+    plain_text, shared_text = build_report(plain).read_text(), build_report(shared).read_text()
+    assert "5.02*" in plain_text and "2.00× [" in plain_text  # bf16's call and interval without sharing
+    assert "5.02*" not in shared_text and "not comparable (shared timing)" in shared_text
+    assert "3 shared timing" in shared_text
+    verdicts = {(v.cell_id, v.metric): v for v in compare_cells(load_side(plain), load_side(shared))}
+    assert verdicts["bf16", "step_time_ms_median"].verdict == NOT_COMPARABLE
+    assert verdicts["bf16", "peak_memory_bytes"].verdict == PASS
