@@ -91,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
+    settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
         out_dir.mkdir(parents=True, exist_ok=True)
     for warning in matrix.warnings:
@@ -102,12 +103,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         for cell in matrix.cells:
             print(f"  {cell.cell_id}  {cell.label()}")
         return 0
+    if args.executor != "sequential":  # a job array through submitit (bench/submit.py)
+        return run_on_cluster(args, matrix, out_dir, settings)
     try:
         outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed)
     except Terminated as stopped:
         print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 128 + stopped.signum
     return summarize(outcome, out_dir)
+
+
+def cluster_settings(args: argparse.Namespace, matrix):
+    """The validated slurm: settings with --slurm overrides, for --executor slurm|local; else None."""
+    if args.executor == "sequential":
+        if args.slurm or args.wait:
+            raise ConfigError("arguments", "--slurm/--wait", "apply to --executor slurm or local only")
+        return None
+    from bench.cluster import check_fits, settings_for
+
+    settings = settings_for(matrix, args.slurm)
+    check_fits(settings, matrix, matrix.file)
+    return settings
+
+
+def run_on_cluster(args: argparse.Namespace, matrix, out_dir: Path, settings) -> int:
+    from bench.runner import Terminated
+    from bench.submit import run_matrix_on_cluster
+
+    try:
+        outcome = run_matrix_on_cluster(matrix, out_dir, args.executor, settings, fresh=args.fresh,
+                                        retry_failed=args.retry_failed, wait=args.wait)
+    except Terminated as stopped:
+        print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        return 128 + stopped.signum
+    return 0 if outcome is None else summarize(outcome, out_dir)
 
 
 def summarize(outcome, out_dir: Path) -> int:
@@ -155,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS} cells")
     run.add_argument("--retry-failed", action="store_true",
                      help="run failed runs again (new rows; the newest row of a run counts)")
+    from bench import submit
+
+    submit.add_run_arguments(run)  # --executor, --slurm KEY=VALUE, --wait
     run.set_defaults(func=cmd_run)
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
@@ -166,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_cli(sub)
     baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
+    submit.add_cli(sub)  # collect DIR, status DIR (cluster runs)
     return parser
 
 
