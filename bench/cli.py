@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("matrix", help="ablation YAML file")
     run.add_argument("--out", help="output folder (default results/<matrix name>/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
+    run.add_argument("--profile", help="a profile of the matrix file, e.g. cpu; several merge in order: gpu1,offline")
     run.add_argument("--dry-run", action="store_true", help="print the expanded cells, run nothing")
     run.add_argument("--fresh", action="store_true", help="start over; previous rows are moved aside, not deleted")
     run.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS} cells")
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
     submit.add_cli(sub)  # collect DIR, status DIR (cluster runs)
+    from bench import selfcheck
+
+    selfcheck.add_cli(sub)  # selfcheck --device cuda|cpu: GPU readiness
     return parser
 
 

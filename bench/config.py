@@ -375,11 +375,13 @@ def _apply_profile(raw: dict[str, Any], profile: Optional[str], file: str) -> di
         _check_sections(body or {}, file, f"profiles.{name}.")
     if profile is None:
         return raw
-    if profile not in profiles:
-        names = list(profiles)
-        raise ConfigError(file, "profiles", f"no profile {shorten(profile)}{did_you_mean(profile, names)}; "
-                          f"defined: {', '.join(names) or 'none'}")
-    return _merge(raw, profiles[profile] or {})
+    for name in profile.split(","):  # `gpu1,offline`: merged in the order given
+        if name not in profiles:
+            names = list(profiles)
+            raise ConfigError(file, "profiles", f"no profile {shorten(name)}{did_you_mean(name, names)}; "
+                              f"defined: {', '.join(names) or 'none'}")
+        raw = _merge(raw, profiles[name] or {})
+    return raw
 
 
 def _check_seeds(seeds: list[Any], file: str) -> tuple[int, ...]:

@@ -231,9 +231,14 @@ def test_preempted_task_is_requeued_and_finishes(write_matrix, tmp_path):
     executor = cluster.make_executor("local", tmp_path / "submitit", settings, params)
     job = executor.submit(submit.task_for(tmp_path, matrix, cell, 0, False))
     assert wait_for(lambda: any((tmp_path / "cluster" / "work").glob("*/*.job.json")))
-    job._interrupt()  # SIGUSR2, as SLURM sends before a preemption or the time limit
+    # SIGUSR2 to the task, as SLURM sends it before a preemption or the time limit (submitit's
+    # local controller passes it on only at its own time limit).
+    controller = job._process.pid
+    task = int(Path(f"/proc/{controller}/task/{controller}/children").read_text().split()[0])
+    os.kill(task, signal.SIGUSR2)
     assert wait_for(lambda: job.done(), timeout_s=300)
     log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
-    assert "Requeued job" in log, log
+    assert "Calling checkpoint method" in log and "Requeued job" in log, log
+    assert log.count("Loading pickle") == 2  # the requeued task started again
     row = cluster.read_run_file(cluster.run_file(tmp_path, cell.cell_id, 0))
     assert row is not None and row["status"] == "ok"
