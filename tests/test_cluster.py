@@ -130,6 +130,24 @@ def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path
     assert "trickbench status" in capsys.readouterr().out
     assert main(["run", str(path), "--out", str(out), "--executor", "slurm", "--slurm", "partiton=x"]) == 2
 
+    # status: the scheduler's states (sacct) for runs without a row file, the row files for the others.
+    by_job = {j["job_id"]: key for key, j in jobs["runs"].items()}
+    states = {"4200_0": "PENDING", "4200_1": "RUNNING", "4201_0": "FAILED", "4201_1": "COMPLETED"}
+    sacct = fake_slurm.parent / "bin" / "sacct"
+    sacct.write_text("#!/bin/sh\necho 'JobID|State|NodeList'\n"
+                     + "".join(f"echo '{job}|{state}|node1'\n" for job, state in states.items()))
+    sacct.chmod(0o755)
+    cell_id, seed = by_job["4201_1"].rsplit("-", 1)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    cluster.run_file(out, cell_id, int(seed)).parent.mkdir()
+    cluster.run_file(out, cell_id, int(seed)).write_text(json.dumps(fake_row(cell_id, int(seed), "oom", now)))
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == f"{out}: 1 failed, 1 running, 1 queued, 1 lost of 4 runs", printed
+    assert f"failed: cell {cell_id} seed {seed}: oom: boom" in printed
+    assert f"lost: cell {by_job['4201_0'].rsplit('-', 1)[0]}" in printed and "run again to resubmit" in printed
+
 
 def test_gpu_array_asks_for_one_gpu_per_rank(tmp_path, fake_slurm):
     settings = cluster.parse_settings({"partition": "a100"}, "m")
