@@ -87,8 +87,11 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import Terminated, run_matrix
 
-    matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
-                         max_cells=None if args.yes else MAX_CELLS)
+    from bench.cluster import compute_node_view
+
+    with compute_node_view(args.executor):  # slurm: checked for the GPU nodes, not for this login node
+        matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
+                             max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
     settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from bench.config import ConfigError, Matrix, _check_keys, _check_value
 from bench.results import (CSV_FILE, MATRIX_FILE, ROWS_FILE, Row, StoreError, append_row, end_torn_row,
@@ -132,6 +132,28 @@ def settings_for(matrix: Matrix, overrides: list[str]) -> ClusterSettings:
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) \
             else value
     return parse_settings(raw, "--slurm" if overrides else matrix.file)
+
+
+@contextlib.contextmanager
+def compute_node_view(executor: str) -> Iterator[None]:
+    """Validate a matrix for ``--executor slurm`` as on a GPU node, not as on this login node.
+
+    Device checks (``device: auto``/``cuda``, one GPU per rank) ask torch what is visible here;
+    the runs happen on nodes that have GPUs. Inside this block torch reports CUDA with as many
+    devices as any task may ask for; ``check_fits`` then holds each run to ``gpus_per_node``.
+    ``device: auto`` thus means cuda on a cluster: CPU runs say ``device: cpu`` (or ``--device cpu``).
+    """
+    if executor != "slurm":
+        yield
+        return
+    import torch
+
+    saved = torch.cuda.is_available, torch.cuda.device_count
+    torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: SETTING_RANGES["gpus_per_node"][1])
+    try:
+        yield
+    finally:
+        torch.cuda.is_available, torch.cuda.device_count = saved
 
 
 # --- what each array asks for ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 status, and end to end with submitit's local executor (kill, resubmit, preemption)."""
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import cluster, submit
 from bench.cli import main
@@ -114,6 +116,9 @@ def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path
     assert main(["run", str(path), "--out", str(out), "--executor", "slurm", "--slurm", "sbatch.qos=high"]) == 0
     scripts = sorted(fake_slurm.iterdir())
     assert len(scripts) == 2  # world_size 1 and 2: an array each (one resource request per array)
+    # Validated as on a GPU node although this machine has none: device auto is cuda there,
+    # and a world_size-W run asks for W GPUs.
+    assert sorted(re.search(r"--gpus-per-node=(\d+)", s.read_text()).group(1) for s in scripts) == ["1", "2"]
     for script in scripts:
         text = script.read_text()
         for line in ["#SBATCH --partition=gpu", "#SBATCH --array=0-1%1", "#SBATCH --time=20",
@@ -121,9 +126,10 @@ def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path
                      "#SBATCH --qos=high", "#SBATCH --exclusive", "#SBATCH --signal=USR2@90",
                      "source venv/bin/activate"]:
             assert line in text, (line, text)
-        assert "--gpus-per-node" not in text  # a cpu matrix asks for no GPUs
     jobs = json.loads((out / "cluster" / "jobs.json").read_text())
-    matrix = load_matrix(path)
+    with cluster.compute_node_view("slurm"):
+        matrix = load_matrix(path)
+    assert torch.cuda.device_count() < 1024  # the real count again after the block
     assert jobs["executor"] == "slurm"
     assert sorted(jobs["runs"]) == sorted(f"{c.cell_id}-{s}" for c, s in matrix.runs())
     assert {j["job_id"] for j in jobs["runs"].values()} == {"4200_0", "4200_1", "4201_0", "4201_1"}
@@ -147,6 +153,16 @@ def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path
     assert printed.splitlines()[0] == f"{out}: 1 failed, 1 running, 1 queued, 1 lost of 4 runs", printed
     assert f"failed: cell {cell_id} seed {seed}: oom: boom" in printed
     assert f"lost: cell {by_job['4201_0'].rsplit('-', 1)[0]}" in printed and "run again to resubmit" in printed
+
+
+def test_cpu_runs_on_slurm_ask_for_no_gpu_and_big_worlds_are_refused(write_matrix, tmp_path, fake_slurm, capsys):
+    path = write_matrix(CLUSTER_MATRIX)
+    assert main(["run", str(path), "--out", str(tmp_path / "cpu"), "--executor", "slurm", "--device", "cpu"]) == 0
+    assert not any("--gpus-per-node" in s.read_text() for s in fake_slurm.iterdir())
+    big = write_matrix(CLUSTER_MATRIX.replace("world_size: [1, 2]", "world_size: [1, 16]"), "big.yaml")
+    assert main(["run", str(big), "--out", str(tmp_path / "big"), "--executor", "slurm"]) == 2
+    assert "slurm.gpus_per_node: 8 GPUs cannot hold world_size 16" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
 
 
 def test_gpu_array_asks_for_one_gpu_per_rank(tmp_path, fake_slurm):
