@@ -220,6 +220,12 @@ def check_two_devices(ctx: Context) -> Check:
         return skipped("two_devices", "no CUDA")
     if torch.cuda.device_count() < 2:
         return skipped("two_devices", f"{torch.cuda.device_count()} CUDA device visible (needs 2)")
+    statuses = concurrent_runs(ctx, [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}])
+    return (passed if statuses == ["ok", "ok"] else failed)("two_devices", f"statuses {statuses}")
+
+
+def concurrent_runs(ctx: Context, envs: list[dict[str, str]]) -> list[str]:
+    """Start one worker process per environment at the same time; their rows' statuses."""
     import os
 
     from bench.runner import WORKER, run_job_file, write_job
@@ -227,20 +233,19 @@ def check_two_devices(ctx: Context) -> Check:
     work = ctx.out_dir / ".work"
     work.mkdir(parents=True, exist_ok=True)
     config = small_config(ctx).to_dict()
-    rows: list[dict[str, Any]] = []
+    statuses: dict[int, str] = {}
 
-    def run(gpu: int) -> None:
-        job = write_job(work, "selfcheck", "two", gpu, {}, config)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-        rows.append(run_job_file(job, [*WORKER, str(job)], env, config["time_limit_s"]))
+    def run(index: int) -> None:
+        job = write_job(work, "selfcheck", "concurrent", index, {}, config)
+        row = run_job_file(job, [*WORKER, str(job)], {**os.environ, **envs[index]}, config["time_limit_s"])
+        statuses[index] = row["status"]
 
-    threads = [threading.Thread(target=run, args=(gpu,)) for gpu in (0, 1)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(envs))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    statuses = [r["status"] for r in rows]
-    return (passed if statuses == ["ok", "ok"] else failed)("two_devices", f"statuses {statuses}")
+    return [statuses.get(i, "no row") for i in range(len(envs))]
 
 
 def resnet50_config(ctx: Context, precision: str):

@@ -48,9 +48,10 @@ def todo_runs(matrix: Matrix, rows: list[Row], retry_failed: bool) -> list[tuple
 def prepare(matrix: Matrix, out_dir: Path, fresh: bool, retry_failed: bool) -> list[tuple[Cell, int]]:
     """Under the folder's lock: refuse another matrix, merge finished run files, list what is left."""
     if fresh and (moved := move_aside(out_dir)):
-        old_runs = out_dir / cluster.RUNS_DIR
-        if old_runs.is_dir():
-            old_runs.rename(out_dir / f"{cluster.RUNS_DIR}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for old in (out_dir / cluster.RUNS_DIR, out_dir / cluster.CLUSTER_DIR / cluster.JOBS_FILE):
+            if old.exists():  # the old runs' row files and job ids go with their rows
+                old.rename(old.with_name(f"{old.name}.{stamp}.old"))
         print(f"moved previous results aside to {', '.join(map(str, moved))}")
     rows = read_rows(out_dir / ROWS_FILE)
     write_atomic(out_dir / MATRIX_FILE, json.dumps(check_matrix(out_dir, matrix, rows), indent=1))

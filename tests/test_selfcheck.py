@@ -81,3 +81,20 @@ def test_gpu_profiles_run_offline(matrix):
             assert config.dataset in ("synthetic", "digits") and not config.download, (matrix, offline, cell.axes)
             size = config.image_size or 32
             assert size >= 16 or matrix == "ci.yaml", (matrix, size)  # realistic sizes, bar the CPU CI check
+
+
+def test_concurrent_runs_start_separate_workers(tmp_path):
+    """The two-GPU check's machinery, here on the CPU: two worker processes at once, two rows."""
+    ctx = selfcheck.Context(torch.device("cpu"), tmp_path)
+    broken = {"TRICKBENCH_FAULT": "raise@0"}  # the worker's own fault injection: a failed row
+    # Each status is its own worker's: the broken one fails, the other trains.
+    assert selfcheck.concurrent_runs(ctx, [broken, {"OMP_NUM_THREADS": "1"}]) == ["error", "ok"]
+
+
+def test_gpu_physics_config_is_a_valid_run():
+    from bench.feasibility import check_run
+
+    for precision in ("fp32", "bf16"):
+        config = selfcheck.resnet50_config(selfcheck.Context(torch.device("cpu"), Path(".")), precision)
+        check_run(config)  # raises CellProblem when the model, data or run length do not fit
+        assert config.tricks["precision"] == precision and config.dataset == "synthetic"
