@@ -159,6 +159,13 @@ def test_cpu_runs_on_slurm_ask_for_no_gpu_and_big_worlds_are_refused(write_matri
     path = write_matrix(CLUSTER_MATRIX)
     assert main(["run", str(path), "--out", str(tmp_path / "cpu"), "--executor", "slurm", "--device", "cpu"]) == 0
     assert not any("--gpus-per-node" in s.read_text() for s in fake_slurm.iterdir())
+    cell_id, seed = next(iter(json.loads((tmp_path / "cpu" / "cluster" / "jobs.json").read_text())["runs"])).split("-")
+    cluster.run_file(tmp_path / "cpu", cell_id, int(seed)).parent.mkdir()
+    cluster.run_file(tmp_path / "cpu", cell_id, int(seed)).write_text(json.dumps(fake_row(cell_id, int(seed))))
+    assert main(["run", str(path), "--out", str(tmp_path / "cpu"), "--executor", "slurm", "--device", "cpu",
+                 "--fresh"]) == 0  # the old run file and job ids are moved aside with the rows
+    assert len(list((tmp_path / "cpu").glob("runs.*.old"))) == 1 and not (tmp_path / "cpu" / "runs").exists()
+    assert len(list((tmp_path / "cpu" / "cluster").glob("jobs.json.*.old"))) == 1
     big = write_matrix(CLUSTER_MATRIX.replace("world_size: [1, 2]", "world_size: [1, 16]"), "big.yaml")
     assert main(["run", str(big), "--out", str(tmp_path / "big"), "--executor", "slurm"]) == 2
     assert "slurm.gpus_per_node: 8 GPUs cannot hold world_size 16" in capsys.readouterr().err
