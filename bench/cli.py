@@ -87,11 +87,15 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import Terminated, run_matrix
 
-    matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
-                         max_cells=None if args.yes else MAX_CELLS)
+    from bench.cluster import compute_node_view
+
+    with compute_node_view(args.executor):  # slurm: checked for the GPU nodes, not for this login node
+        matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
+                             max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
     devices = local_devices(args, matrix)
+    settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
         out_dir.mkdir(parents=True, exist_ok=True)
     for warning in matrix.warnings:
@@ -108,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for cell in matrix.cells:
             print(f"  {cell.cell_id}  {cell.label()}")
         return 0
+    if args.executor != "sequential":  # a job array through submitit (bench/submit.py)
+        return run_on_cluster(args, matrix, out_dir, settings)
     try:
         outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed, devices=devices)
     except Terminated as stopped:
@@ -155,6 +161,32 @@ def local_devices(args: argparse.Namespace, matrix):
     return devices
 
 
+def cluster_settings(args: argparse.Namespace, matrix):
+    """The validated slurm: settings with --slurm overrides, for --executor slurm|local; else None."""
+    if args.executor == "sequential":
+        if args.slurm or args.wait:
+            raise ConfigError("arguments", "--slurm/--wait", "apply to --executor slurm or local only")
+        return None
+    from bench.cluster import check_fits, settings_for
+
+    settings = settings_for(matrix, args.slurm)
+    check_fits(settings, matrix, matrix.file)
+    return settings
+
+
+def run_on_cluster(args: argparse.Namespace, matrix, out_dir: Path, settings) -> int:
+    from bench.runner import Terminated
+    from bench.submit import run_matrix_on_cluster
+
+    try:
+        outcome = run_matrix_on_cluster(matrix, out_dir, args.executor, settings, fresh=args.fresh,
+                                        retry_failed=args.retry_failed, wait=args.wait)
+    except Terminated as stopped:
+        print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
+        return 128 + stopped.signum
+    return 0 if outcome is None else summarize(outcome, out_dir)
+
+
 def summarize(outcome, out_dir: Path) -> int:
     """Print the state of the whole matrix, not only of this invocation; 1 if any run stands failed."""
     failed = outcome.failed
@@ -194,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("matrix", help="ablation YAML file")
     run.add_argument("--out", help="output folder (default results/<matrix name>/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
+    run.add_argument("--profile", help="a profile of the matrix file, e.g. cpu; several merge in order: gpu1,offline")
     run.add_argument("--dry-run", action="store_true", help="print the expanded cells, run nothing")
     run.add_argument("--fresh", action="store_true", help="start over; previous rows are moved aside, not deleted")
     run.add_argument("--yes", action="store_true", help=f"run a matrix of more than {MAX_CELLS} cells")
@@ -206,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU runs at once (needs --shared-timing; default 1)")
     run.add_argument("--shared-timing", action="store_true",
                      help="allow --parallel CPU runs; their rows are marked and their timing not compared")
+    from bench import submit
+
+    submit.add_run_arguments(run)  # --executor, --slurm KEY=VALUE, --wait
     run.set_defaults(func=cmd_run)
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
@@ -217,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     aa.add_cli(sub)
     baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
+    submit.add_cli(sub)  # collect DIR, status DIR (cluster runs)
+    from bench import selfcheck
+
+    selfcheck.add_cli(sub)  # selfcheck --device cuda|cpu: GPU readiness
     return parser
 
 

@@ -25,8 +25,8 @@ DESIGNS = ["one_at_a_time", "full_factorial"]
 OPTIMIZERS = ["sgd", "adamw"]
 DEVICES = ["auto", "cpu", "cuda"]
 BATCH_SCALINGS = ["global", "per_rank"]
-MATRIX_KEYS = ["name", "description", "base", "design", "seeds", "axes", "exclude", "profiles"]
-PROFILE_KEYS = ["base", "design", "seeds", "axes", "exclude"]
+MATRIX_KEYS = ["name", "description", "base", "design", "seeds", "axes", "exclude", "profiles", "slurm"]
+PROFILE_KEYS = ["base", "design", "seeds", "axes", "exclude", "slurm"]
 
 
 class ConfigError(Exception):
@@ -334,6 +334,7 @@ class Matrix:
     axes: dict[str, tuple[Any, ...]]
     cells: tuple[Cell, ...]
     warnings: tuple[str, ...] = ()  # one line each, `file: key: message`; the CLI prints them on stderr
+    slurm: Optional[dict[str, Any]] = None  # the validated `slurm:` section (bench.cluster); not in any cell_id
 
     def runs(self) -> list[tuple[Cell, int]]:
         """(cell, seed) pairs, round-robin: every cell's first seed, then every cell's second…
@@ -374,7 +375,8 @@ SECTIONS: dict[str, tuple[type, bool, str]] = {
     "seeds": (list, False, "a non-empty list of distinct integers"),
     "axes": (dict, False, "a mapping of axis name → list of values"),
     "exclude": (list, True, "a list of {axis: value} mappings"),
-    "profiles": (dict, True, "a mapping of profile name → {base, design, seeds, axes, exclude}"),
+    "profiles": (dict, True, "a mapping of profile name → {base, design, seeds, axes, exclude, slurm}"),
+    "slurm": (dict, True, "a mapping of SLURM settings (see `trickbench run --help`, --executor slurm)"),
 }
 
 
@@ -392,11 +394,13 @@ def _apply_profile(raw: dict[str, Any], profile: Optional[str], file: str) -> di
         _check_sections(body or {}, file, f"profiles.{name}.")
     if profile is None:
         return raw
-    if profile not in profiles:
-        names = list(profiles)
-        raise ConfigError(file, "profiles", f"no profile {shorten(profile)}{did_you_mean(profile, names)}; "
-                          f"defined: {', '.join(names) or 'none'}")
-    return _merge(raw, profiles[profile] or {})
+    for name in profile.split(","):  # `gpu1,offline`: merged in the order given
+        if name not in profiles:
+            names = list(profiles)
+            raise ConfigError(file, "profiles", f"no profile {shorten(name)}{did_you_mean(name, names)}; "
+                              f"defined: {', '.join(names) or 'none'}")
+        raw = _merge(raw, profiles[name] or {})
+    return raw
 
 
 def _check_seeds(seeds: list[Any], file: str) -> tuple[int, ...]:
@@ -524,7 +528,17 @@ def load_matrix(path: str | Path, profile: Optional[str] = None, device: Optiona
         raise ConfigError(file, "exclude", f"the rules remove every one of the {count} cells")
     unique = {c.cell_id: c for c in cells}  # one-at-a-time may repeat the baseline
     return Matrix(name=name, file=file, design=design, seeds=seeds, axes=axes,
-                  cells=tuple(unique.values()), warnings=tuple(f"{file}: {n}" for n in dict.fromkeys(notes)))
+                  cells=tuple(unique.values()), warnings=tuple(f"{file}: {n}" for n in dict.fromkeys(notes)),
+                  slurm=_check_slurm(raw.get("slurm"), file))
+
+
+def _check_slurm(section: Any, file: str) -> Optional[dict[str, Any]]:
+    """How the matrix runs on a cluster, checked here like every other section; kept out of the
+    cells' configs, so it never changes a cell_id."""
+    from bench.cluster import parse_settings
+
+    parse_settings(section, file)
+    return section
 
 
 def resolve_device(requested: str, file: str, key: str) -> str:
