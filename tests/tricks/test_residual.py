@@ -138,3 +138,22 @@ def test_rejection_is_a_one_line_config_error(tmp_path):
 def test_stochastic_depth_parse_rejects(value):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         StochasticDepthTrick.parse(value)
+
+
+def test_checkpointing_redraws_the_same_dropped_rows():
+    """The recomputation in backward restores the RNG state, so the loss and gradients match."""
+    from bench.tricks.checkpointing import apply_checkpointing
+
+    _, model = with_stochastic_depth()
+    checkpointed = apply_checkpointing(copy.deepcopy(model))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    results = []
+    for m in (model, checkpointed):
+        torch.manual_seed(3)
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.parameters()]))
+    assert_close(results[0][0], results[1][0])
+    assert_close(results[0][1], results[1][1])
+    torch.manual_seed(4)  # another draw gives another loss: the comparison above means something
+    assert not torch.allclose(torch.nn.functional.cross_entropy(model(x), y), results[0][0])
