@@ -17,8 +17,9 @@ LR, WD = 0.5, 0.1
 def net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 5), nn.LayerNorm(5)).double()
+                         nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4),
+                         nn.LayerNorm([8, 8]),  # a 2-D weight: exempt as a norm layer's, not by its ndim
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 5), nn.LayerNorm(5)).double()
 
 
 def config(optimizer: str, momentum: float = 0.0):
@@ -34,9 +35,9 @@ def test_groups_hold_exactly_norm_parameters_and_biases_without_decay(optimizer)
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert set(by_decay) == {WD, 0.0}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(names[i] for i in by_decay[WD]) == ["0.weight", "3.weight", "6.weight"]  # conv, conv, linear
+    assert sorted(names[i] for i in by_decay[WD]) == ["0.weight", "3.weight", "7.weight"]  # conv, conv, linear
     assert sorted(names[i] for i in by_decay[0.0]) == [
-        "1.bias", "1.weight", "3.bias", "4.bias", "4.weight", "6.bias", "7.bias", "7.weight"]
+        "1.bias", "1.weight", "3.bias", "4.bias", "4.weight", "5.bias", "5.weight", "7.bias", "8.bias", "8.weight"]
     assert all(g["lr"] == LR for g in opt.param_groups)
 
 
@@ -50,9 +51,9 @@ def test_one_sgd_step_decays_weights_but_not_biases():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
     after = dict(model.named_parameters())
-    for name in ("3.bias", "6.bias", "1.weight"):  # exactly lr·grad: no decay term
+    for name in ("3.bias", "7.bias", "1.weight", "5.weight"):  # exactly lr·grad: no decay term
         assert_close(before[name] - after[name].detach(), LR * grads[name])
-    for name in ("3.weight", "6.weight"):  # lr·(grad + wd·w)
+    for name in ("3.weight", "7.weight"):  # lr·(grad + wd·w)
         assert_close(before[name] - after[name].detach(), LR * (grads[name] + WD * before[name]))
 
 
