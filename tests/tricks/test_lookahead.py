@@ -110,3 +110,9 @@ def test_rejected_with_ema_with_the_reason():
                                  "ema": 0.9}, "test")
     with pytest.raises(ValueError, match="both replace the evaluated weights"):
         Lookahead.check(config.tricks["lookahead"], config)
+
+
+def test_advises_when_the_slow_weights_would_never_move():
+    assert "never move" in Lookahead.advise({"k": 10, "alpha": 0.5}, None, total_steps=9)
+    assert Lookahead.advise({"k": 10, "alpha": 0.5}, None, total_steps=10) is None
+    assert Lookahead.advise(None, None, total_steps=1) is None
