@@ -203,8 +203,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "tricks":
         from bench.tricks import TRICKS
 
+        width = max(len(entry.name) for entry in TRICKS)
         for entry in TRICKS:
-            print(f"{entry.name:<15} {entry.description}\n{'':<15} values: {entry.obj.values_help}")
+            print(f"{entry.name:<{width}} {entry.description}\n{'':<{width}} values: {entry.obj.values_help}")
     elif args.what == "models":
         from bench.models import MODELS, torchvision_names
 

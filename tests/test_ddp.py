@@ -37,6 +37,8 @@ CASES = {  # name → trick values; the model has no BatchNorm, so W ranks must 
     "accumulation": {"accumulation": 2},
     "sam": {"sam": RHO},
     "ema": {"ema": 0.5, "accumulation": 2},
+    "clip_gc_lookahead": {"grad_clip": {"norm": 0.05}, "grad_centralization": True, "lookahead": {"k": 2},
+                          "accumulation": 2},
 }
 
 
@@ -131,7 +133,7 @@ def assert_same_on_every_rank(ranks: list[dict], case: str, key: str) -> None:
             assert torch.equal(a, b), f"{case}: {key} differ between ranks"
 
 
-@pytest.mark.parametrize("case", ["plain", "accumulation"])
+@pytest.mark.parametrize("case", ["plain", "accumulation", "clip_gc_lookahead"])
 def test_two_ranks_on_half_batches_equal_one_process_on_the_batch(ranks, case):
     reference = train_steps(1, CASES[case])
     assert_same_on_every_rank(ranks, case, "params")

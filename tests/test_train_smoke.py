@@ -22,7 +22,15 @@ SMOKE_VALUES: dict[str, list] = {
     "sam": [0.05],
     "ema": [0.9],
     "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
+    "grad_clip": [{"norm": 0.5}, {"value": 0.01}],
+    "grad_centralization": [True],
+    "lookahead": [{"k": 2, "alpha": 0.5}],
+    "zero_init_residual": [True],
+    "stochastic_depth": [0.2],
+    "no_decay_bn_bias": [True],
 }
+# Tricks that need another model than tiny_cnn (check() rejects it).
+SMOKE_MODELS = {"zero_init_residual": "resnet18_cifar", "stochastic_depth": "resnet18_cifar"}
 SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
 MISSING = object()
 
@@ -41,8 +49,8 @@ def smoke_cases() -> list:
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def tiny_config(**tricks):
-    return build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "num_samples": 64, "image_size": 8,
+def tiny_config(model="tiny_cnn", **tricks):
+    return build_train_config({"model": model, "dataset": "synthetic", "num_samples": 64, "image_size": 8,
                                "batch_size": 16, "steps": STEPS, "warmup_steps": WARMUP, **tricks}, "test")
 
 
@@ -65,7 +73,7 @@ def test_trick_trains(name, value):
     assert value is not MISSING, f"trick {name!r} has no value in SMOKE_VALUES"
     cls = TRICKS.get(name)
     assert cls.parse(value) == value and value != cls.default
-    config = tiny_config(**{name: value})
+    config = tiny_config(SMOKE_MODELS.get(name, "tiny_cnn"), **{name: value})
     cls.check(config.tricks[name], config)  # a representative value must pass its own check
     assert_sane(train(config, seed=0, device=CPU))
 
@@ -114,3 +122,17 @@ def test_time_to_target_is_the_first_epoch_reaching_it():
     assert never["time_to_target_s"] is None or never["accuracy_top1"] == 1.0
     unset = train(build_train_config(base, "t"), 0, torch.device("cpu"))
     assert unset["time_to_target_s"] is None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gradient_and_resnet_tricks_train_with_half_precision_and_accumulation(precision):
+    config = tiny_config("resnet18_cifar", precision=precision, accumulation=2, checkpointing=True,
+                         grad_clip={"norm": 0.5}, grad_centralization=True, lookahead={"k": 2, "alpha": 0.5},
+                         zero_init_residual=True, stochastic_depth=0.2, no_decay_bn_bias=True,
+                         optimizer={"weight_decay": 1e-4})
+    for entry in TRICKS:
+        entry.obj.check(config.tricks[entry.name], config)
+    metrics = train(config, seed=0, device=CPU)
+    assert_sane(metrics)
+    assert 0 < metrics["grad_norm_median"] <= metrics["grad_norm_max"] < math.inf
+    assert 0 <= metrics["grad_clip_fraction"] <= 1

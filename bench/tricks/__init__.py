@@ -19,3 +19,5 @@ from bench.tricks import (  # noqa: E402,F401
     ema,
     world_size,
 )
+# Clipping before centralization (process_gradients): the projection only lowers the norm.
+from bench.tricks import grad_clip, grad_centralization, lookahead, residual, no_decay_bn_bias  # noqa: E402,F401
