@@ -205,7 +205,8 @@ def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
     tricks = build_tricks(config)
     transforms = [t for t in (trick.sample_transform() for trick in tricks) if t is not None]
     splits = build_dataset(config, train_transforms=transforms)
-    model = build_model(config.model, splits.num_classes).to(device)  # on its device before a DDP wrap
+    # On its device before a DDP wrap; the input's side length for fixed-size models (ViT).
+    model = build_model(config.model, splits.num_classes, image_size=splits.input_shape[-1]).to(device)
     for trick in tricks:
         model = trick.prepare_model(model)
     model.train()

@@ -22,7 +22,9 @@ SMOKE_VALUES: dict[str, list] = {
     "sam": [0.05],
     "ema": [0.9],
     "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
+    "attention": ["math", "sdpa", {"chunked": 2}],
 }
+SMOKE_MODELS = {"attention": "vit_tiny"}  # tricks that need another model than tiny_cnn
 SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
 MISSING = object()
 
@@ -41,8 +43,8 @@ def smoke_cases() -> list:
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def tiny_config(**tricks):
-    return build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "num_samples": 64, "image_size": 8,
+def tiny_config(model="tiny_cnn", **tricks):
+    return build_train_config({"model": model, "dataset": "synthetic", "num_samples": 64, "image_size": 8,
                                "batch_size": 16, "steps": STEPS, "warmup_steps": WARMUP, **tricks}, "test")
 
 
@@ -65,7 +67,7 @@ def test_trick_trains(name, value):
     assert value is not MISSING, f"trick {name!r} has no value in SMOKE_VALUES"
     cls = TRICKS.get(name)
     assert cls.parse(value) == value and value != cls.default
-    config = tiny_config(**{name: value})
+    config = tiny_config(SMOKE_MODELS.get(name, "tiny_cnn"), **{name: value})
     cls.check(config.tricks[name], config)  # a representative value must pass its own check
     assert_sane(train(config, seed=0, device=CPU))
 
