@@ -160,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
     from bench import aa, baseline, diagnose, power, report
+    from bench import attention_memory
 
     report.add_cli(sub)  # report DIR, index RESULTS_DIR
     diagnose.add_cli(sub)
     aa.add_cli(sub)
     baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
+    attention_memory.add_cli(sub)  # attention-memory: memory vs sequence length per attention kernel
     return parser
 
 

@@ -4,9 +4,11 @@ profiler saw."""
 from __future__ import annotations
 
 import copy
+import csv
 import math
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -202,3 +204,27 @@ def test_two_ranks_with_chunked_attention_equal_one_process(tmp_path):
     for rank in range(2):
         for p, q in zip(torch.load(tmp_path / f"rank{rank}.pt"), single, strict=True):
             assert_close(p, q)
+
+
+def test_attention_memory_command_writes_the_figure_and_table(tmp_path):
+    from matplotlib.image import imread
+
+    from bench.cli import main
+
+    out = tmp_path / "attention"
+    assert main(["attention-memory", "--out", str(out), "--batch-size", "4", "--image-sizes", "8", "32"]) == 0
+    rows = list(csv.DictReader((out / "attention_memory.csv").open()))
+    assert [(r["kernel"], r["tokens"]) for r in rows[:2]] == [("nn.MultiheadAttention", "5"),
+                                                               ("nn.MultiheadAttention", "65")]
+    by_kernel = {r["kernel"]: int(r["peak_memory_bytes"]) for r in rows if r["tokens"] == "65"}
+    assert by_kernel["math"] > by_kernel["chunked(16)"]  # math keeps the probabilities
+    assert np.asarray(imread(out / "attention_memory.png")).std() > 0.01  # not blank
+    assert "| math | 32 | 65 |" in (out / "attention_memory.md").read_text()
+
+
+def test_attention_memory_refuses_sizes_the_patches_do_not_tile(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["attention-memory", "--out", str(tmp_path / "a"), "--image-sizes", "30"]) == 2
+    assert "30 is not a multiple of the patch size 4" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
