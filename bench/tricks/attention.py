@@ -147,7 +147,7 @@ class Attention(Trick):
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         # unwrap: the same parameters stay registered with a DDP wrapper built before this hook.
-        self.modules = replace_attention(unwrap(model), *_kernel_of(self.value))
+        self.modules = [] if self.value is None else replace_attention(unwrap(model), *_kernel_of(self.value))
         return model
 
     def metrics(self) -> dict[str, Any]:
