@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import distributed
+from bench import distributed, flop_formulas  # noqa: F401 - registers FLOP formulas torch lacks
 from bench.config import MEASUREMENT_STEPS, TrainConfig, min_total_steps
 from bench.data import DatasetSplits, build_dataset
 from bench.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, synchronize

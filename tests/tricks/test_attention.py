@@ -25,7 +25,8 @@ from bench.distributed import unwrap
 from bench.models import build_model
 from bench.spec import RunContext
 from bench.train import build_tricks, run_step, train
-from bench.tricks.attention import Attention, KernelAttention, replace_attention
+from bench.tricks.attention import (Attention, KernelAttention, chunked_attention, math_attention,
+                                    replace_attention)
 from tests.test_memory_reference import measure
 
 KERNELS = {"math": ("math", None), "sdpa": ("sdpa", None), "chunked": ("chunked", 16)}
@@ -228,3 +229,24 @@ def test_attention_memory_refuses_sizes_the_patches_do_not_tile(tmp_path, capsys
     assert main(["attention-memory", "--out", str(tmp_path / "a"), "--image-sizes", "30"]) == 2
     assert "30 is not a multiple of the patch size 4" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_flops_of_each_kernel_in_matrix_products():
+    """In units of one (L x L x d) product, 2·B·heads·L²·d FLOPs: math = 2 forward + 4 backward;
+    flash attention (SDPA's CPU kernel) recomputes QKᵀ in backward, 7; chunked recomputes QKᵀ
+    too (non-reentrant checkpoint stops recomputing once the tensors backward needs exist), 7.
+    Torch has no formula for the CPU flash kernel: bench.flop_formulas adds it (else SDPA = 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench.train  # noqa: F401 - registers the formulas, as every run does
+
+    unit = 2 * 2 * 4 * TOKENS * TOKENS * 8
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, 2, 4, TOKENS, 8).unbind(0))
+    kernels = {"math": math_attention, "sdpa": F.scaled_dot_product_attention,
+               "chunked": lambda q, k, v: chunked_attention(q, k, v, 16)}
+    counted = {}
+    for name, fn in kernels.items():
+        with FlopCounterMode(display=False) as counter:
+            fn(q, k, v).sum().backward()
+        counted[name] = counter.get_total_flops() / unit
+    assert counted == {"math": 6, "sdpa": 7, "chunked": 7}
