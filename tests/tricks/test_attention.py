@@ -250,3 +250,20 @@ def test_flops_of_each_kernel_in_matrix_products():
             fn(q, k, v).sum().backward()
         counted[name] = counter.get_total_flops() / unit
     assert counted == {"math": 6, "sdpa": 7, "chunked": 7}
+
+
+def test_chunks_inside_checkpointed_blocks_give_the_same_gradients():
+    """Nested non-reentrant checkpoints: the checkpointing trick wraps each encoder block, whose
+    attention then checkpoints each query chunk again."""
+    from bench.tricks.checkpointing import Checkpointed, apply_checkpointing
+
+    torch.manual_seed(0)
+    plain = build_model("vit_tiny", 10, image_size=16)
+    nested = Attention({"chunked": 4}).prepare_model(apply_checkpointing(copy.deepcopy(plain)))
+    assert sum(isinstance(m, Checkpointed) for m in nested.modules()) == 4
+    assert sum(isinstance(m, KernelAttention) for m in nested.modules()) == 4
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    for model in (plain, nested):
+        F.cross_entropy(model(x), y).backward()
+    for (name, p), q in zip(plain.named_parameters(), nested.parameters(), strict=True):
+        assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
