@@ -6,8 +6,8 @@ Not measurements: these run in-process for a few steps and never write result ro
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,7 +169,8 @@ def _find_cell(matrix: Matrix, cell_id: str | None) -> Cell:
 def add_cli(subparsers: Any) -> None:
     from bench.cli import positive_int
 
-    parser = subparsers.add_parser("diagnose", help="LR-schedule, gradient-flow, layer-statistics figures (and a profile) of a cell")
+    parser = subparsers.add_parser("diagnose", help="LR-schedule, gradient-flow and layer-statistics figures of a "
+                                   "cell (and a profiler trace)")
     parser.add_argument("matrix", help="ablation YAML file")
     parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
     parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")

@@ -62,9 +62,9 @@ class LayerRecord:
 
     def row(self) -> dict[str, Any]:
         a, g = self.activations, self.grads
+        grads = (g.mean, g.std, g.absolute / g.count) if g.count else (math.nan,) * 3  # no gradient reached it
         return {"layer": self.layer, "kind": self.kind, "activation_mean": a.mean, "activation_std": a.std,
-                "activation_zero_fraction": a.zeros / a.count, "grad_mean": g.mean if g.count else math.nan,
-                "grad_std": g.std if g.count else math.nan, "grad_mean_abs": g.absolute / g.count if g.count else math.nan}
+                "activation_zero_fraction": a.zeros / a.count, **dict(zip(KEYS[3:], grads))}
 
 
 def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

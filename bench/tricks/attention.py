@@ -83,7 +83,8 @@ class KernelAttention(nn.Module):
                                       "(call it with need_weights=False, as torchvision's ViT does)")
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
-        q, k, v = (self._heads(F.linear(x, w, b)) for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        q, k, v = (self._heads(F.linear(x, w, b))
+                   for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
         dropout_p = self.dropout if self.training else 0.0
         if self.kernel == "math":
             out = math_attention(q, k, v, dropout_p)
