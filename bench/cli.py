@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
-    from bench import aa, baseline, diagnose, power, report
+    from bench import aa, attention_memory, baseline, diagnose, power, report, selfcheck
 
     report.add_cli(sub)  # report DIR, index RESULTS_DIR
     diagnose.add_cli(sub)
@@ -254,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
     submit.add_cli(sub)  # collect DIR, status DIR (cluster runs)
-    from bench import selfcheck
-
     selfcheck.add_cli(sub)  # selfcheck --device cuda|cpu: GPU readiness
+    attention_memory.add_cli(sub)  # attention-memory: memory vs sequence length per attention kernel
     return parser
 
 

@@ -1,10 +1,12 @@
-"""Diagnostics as files: LR over training for every schedule, and gradient flow per layer.
+"""Diagnostics as files: LR over training for every schedule, gradient flow and activation/gradient
+statistics per layer, and (``--profile-trace``) a profiler trace with its top operators.
 
 Not measurements: these run in-process for a few steps and never write result rows.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import torch
 from bench.config import Cell, ConfigError, Matrix, TrainConfig, load_matrix
 from bench.safeyaml import shorten
 from bench.schedules import SCHEDULES, lr_trace
+
+PROFILE_STEPS = 3
 
 # bench.train (torchvision, the datasets) and bench.figures (matplotlib) are imported where used:
 # this module is imported by every `trickbench` command, which should refuse bad input quickly.
@@ -42,10 +46,22 @@ def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path
     return path
 
 
-def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, Any]]:
-    """Mean and max |grad| of every weight (conv/linear, ndim > 1) at the last of ``steps`` steps."""
+@dataclass
+class Inspection:
+    """What the last of a cell's first steps showed, and the profile of the steps after it."""
+
+    gradient_flow: list[dict[str, Any]]  # per weight: mean and max |grad|
+    layer_statistics: list[dict[str, Any]]  # per leaf module: bench.layer_stats.KEYS
+    profile: Any = None  # torch.profiler.profile of PROFILE_STEPS more steps, when asked for
+
+
+def inspect_training(config: TrainConfig, seed: int, steps: int, profile: bool = False) -> Inspection:
+    """Train ``steps`` steps; read gradients and layer statistics in the last one; then,
+    if ``profile``, profile PROFILE_STEPS more (the earlier steps are their warm-up)."""
     from torch.utils.data import DataLoader
 
+    from bench.layer_stats import layer_statistics
+    from bench.profiling import profile_steps
     from bench.train import make_step, prepare_run
 
     run = prepare_run(config, seed, torch.device(config.device))
@@ -56,14 +72,24 @@ def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, 
         run.step(batch)
     # The last step by hand: the gradients are read between computing and applying them.
     fns = make_step(run.model, run.optimizer, run.tricks, next(batches))
-    fns.compute_grads()
+    with layer_statistics(run.model) as records:
+        fns.compute_grads()
     layers = [{"layer": name.removesuffix(".weight"), "mean_abs_grad": p.grad.abs().mean().item(),
                "max_abs_grad": p.grad.abs().max().item()}
               for name, p in run.model.named_parameters() if p.grad is not None and p.ndim > 1]
     fns.apply_update()
     for trick in run.tricks:
         trick.after_step()
-    return layers
+    inspection = Inspection(layers, [r.row() for r in records])
+    if profile:
+        ready = [next(batches) for _ in range(PROFILE_STEPS)]  # loading data stays out of the trace
+        inspection.profile = profile_steps(lambda: run.step(ready.pop(0)), PROFILE_STEPS, run.device)
+    return inspection
+
+
+def gradient_flow(config: TrainConfig, seed: int, steps: int) -> list[dict[str, Any]]:
+    """Mean and max |grad| of every weight (conv/linear, ndim > 1) at the last of ``steps`` steps."""
+    return inspect_training(config, seed, steps).gradient_flow
 
 
 def _cycle(loader: Any):
@@ -89,16 +115,30 @@ def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> 
     return path
 
 
-def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path) -> list[Path]:
+def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path,
+             profile_trace: bool = False) -> list[Path]:
+    from bench.layer_stats import markdown_table, plot_layer_statistics
+    from bench.profiling import write_profile
+
     cell = _find_cell(matrix, cell_id)
     config = cell.config
     out_dir.mkdir(parents=True, exist_ok=True)
     total = config.steps or 100
     written = [plot_lr_schedules(total, config.lr_warmup_steps or max(1, total // 10), config.optimizer.lr,
                                  out_dir / "lr_schedules.png")]
-    layers = gradient_flow(config, matrix.seeds[0], steps)
-    title = f"Gradient flow after {steps} steps, {matrix.name} cell {cell.cell_id}\n{cell.label()}"
-    written.append(plot_gradient_flow(layers, title, out_dir / f"grad_flow_{cell.cell_id}.png"))
+    seen = inspect_training(config, matrix.seeds[0], steps, profile=profile_trace)
+    where = f"{matrix.name} cell {cell.cell_id}\n{cell.label()}"
+    written.append(plot_gradient_flow(seen.gradient_flow, f"Gradient flow after {steps} steps, {where}",
+                                      out_dir / f"grad_flow_{cell.cell_id}.png"))
+    written.append(plot_layer_statistics(seen.layer_statistics, f"Layer statistics in step {steps}, {where}",
+                                         out_dir / f"layer_stats_{cell.cell_id}.png"))
+    table = out_dir / f"layer_stats_{cell.cell_id}.md"
+    table.write_text(f"Outputs of every leaf module and the loss's gradient with respect to them, training step "
+                     f"{steps} of cell {cell.cell_id} ({cell.label()}).\n\n" + markdown_table(seen.layer_statistics))
+    written.append(table)
+    if profile_trace:
+        written += write_profile(seen.profile, PROFILE_STEPS, torch.device(config.device),
+                                 out_dir / f"trace_{cell.cell_id}.json", out_dir / f"top_ops_{cell.cell_id}.md")
     return written
 
 
@@ -112,7 +152,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if cell.config.world_size > 1:  # gradient flow runs in this one process, not under torchrun
         raise ConfigError(matrix.file, f"--cell {cell.cell_id}", f"world_size {cell.config.world_size}: diagnose "
                           "runs one process; pick a world_size 1 cell (see run --dry-run)")
-    for path in diagnose(matrix, cell.cell_id, args.steps, out_dir):
+    for path in diagnose(matrix, cell.cell_id, args.steps, out_dir, profile_trace=args.profile_trace):
         print(path)
     return 0
 
@@ -129,10 +169,13 @@ def _find_cell(matrix: Matrix, cell_id: str | None) -> Cell:
 def add_cli(subparsers: Any) -> None:
     from bench.cli import positive_int
 
-    parser = subparsers.add_parser("diagnose", help="LR-schedule and gradient-flow figures for a cell")
+    parser = subparsers.add_parser("diagnose", help="LR-schedule, gradient-flow and layer-statistics figures of a "
+                                   "cell (and a profiler trace)")
     parser.add_argument("matrix", help="ablation YAML file")
     parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
     parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")
     parser.add_argument("--steps", type=positive_int, default=20, help="training steps before reading gradients")
     parser.add_argument("--out", help="output folder (default results/<matrix>/diagnostics/)")
+    parser.add_argument("--profile-trace", action="store_true",
+                        help=f"also a torch.profiler Chrome trace of {PROFILE_STEPS} more steps and its top operators")
     parser.set_defaults(func=_cmd)

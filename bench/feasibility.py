@@ -99,7 +99,7 @@ def _meta_forward(model_name: str, num_classes: int, shape: tuple[int, int, int]
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constructors' FutureWarnings would add lines to a refusal
-            model = build_model(model_name, num_classes).train()
+            model = build_model(model_name, num_classes, image_size=shape[-1]).train()
             output = model(torch.empty(batch, *shape))
     except NotImplementedError:
         return None

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import distributed
+from bench import distributed, flop_formulas  # noqa: F401 - registers FLOP formulas torch lacks
 from bench.config import MEASUREMENT_STEPS, TrainConfig, min_total_steps
 from bench.data import DatasetSplits, build_dataset
 from bench.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, synchronize
@@ -205,7 +205,8 @@ def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
     tricks = build_tricks(config)
     transforms = [t for t in (trick.sample_transform() for trick in tricks) if t is not None]
     splits = build_dataset(config, train_transforms=transforms)
-    model = build_model(config.model, splits.num_classes).to(device)  # on its device before a DDP wrap
+    # On its device before a DDP wrap; the input's side length for fixed-size models (ViT).
+    model = build_model(config.model, splits.num_classes, image_size=splits.input_shape[-1]).to(device)
     for trick in tricks:
         model = trick.prepare_model(model)
     model.train()

@@ -28,9 +28,10 @@ SMOKE_VALUES: dict[str, list] = {
     "zero_init_residual": [True],
     "stochastic_depth": [0.2],
     "no_decay_bn_bias": [True],
+    "attention": ["math", "sdpa", {"chunked": 2}],
 }
 # Tricks that need another model than tiny_cnn (check() rejects it).
-SMOKE_MODELS = {"zero_init_residual": "resnet18_cifar", "stochastic_depth": "resnet18_cifar"}
+SMOKE_MODELS = {"zero_init_residual": "resnet18_cifar", "stochastic_depth": "resnet18_cifar", "attention": "vit_tiny"}
 SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
 MISSING = object()
 

@@ -21,3 +21,4 @@ from bench.tricks import (  # noqa: E402,F401
 )
 # Clipping before centralization (process_gradients): the projection only lowers the norm.
 from bench.tricks import grad_clip, grad_centralization, lookahead, residual, no_decay_bn_bias  # noqa: E402,F401
+from bench.tricks import attention  # noqa: E402,F401
