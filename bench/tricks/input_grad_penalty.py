@@ -30,7 +30,8 @@ from bench.tricks import register
 
 def penalised_loss(loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:
     """loss_fn(inputs, targets) + weight · B · ‖∂loss/∂inputs‖², differentiable twice."""
-    inputs = inputs.detach().requires_grad_(True)
+    # A non-leaf: FlopCounterMode's backward hooks on module inputs refuse a leaf in autograd.grad.
+    inputs = inputs.detach().requires_grad_(True).clone()
     loss = loss_fn(inputs, targets)
     # The gradient of the summed loss (B·L): per-sample magnitudes, not 1/B of them, so low
     # precision backward passes do not underflow; B·‖∂L/∂x‖² = ‖∂(B·L)/∂x‖² / B.
