@@ -22,6 +22,11 @@ SMOKE_VALUES: dict[str, list] = {
     "sam": [0.05],
     "ema": [0.9],
     "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
+    "label_smoothing": [0.1],
+    "mixup": [0.2],
+    "cutmix": [1.0],
+    "input_grad_penalty": [0.01],
+    "progressive_resizing": [{"start": 0.5, "end": 1.0, "until": 0.75}],
 }
 SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
 MISSING = object()
