@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn.modules import module as module_hooks
+from torch.testing import assert_close
 
 from bench.config import ConfigError, build_train_config, load_matrix
 from bench.train import train
@@ -35,13 +38,13 @@ def test_schedule_against_hand_values():
     assert schedule(5, 16, start=0.5, end=0.5) == [8] * 5
 
 
-def test_resize_is_bilinear_and_antialiased_when_shrinking():
-    x = torch.zeros(1, 1, 8, 8)
-    x[..., ::2, :] = 1.0  # stripes one pixel apart: averaging them is what antialiasing does
-    small = resize(x, 4)
-    assert small.shape == (1, 1, 4, 4)
-    assert torch.allclose(small, torch.full_like(small, 0.5), atol=0.15)  # not aliased to all-0 or all-1
-    assert resize(x, 8) is x
+@pytest.mark.parametrize("side", [4, 8, 12])
+def test_resize_matches_pillows_antialiased_bilinear_reduction(side):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 16, 16, generator=g)
+    pillow = Image.fromarray(x[0, 0].numpy(), mode="F").resize((side, side), Image.BILINEAR)
+    assert_close(resize(x, side)[0, 0], torch.from_numpy(np.array(pillow)), atol=1e-5, rtol=0)
+    assert resize(x, 16) is x  # the full size is left alone
 
 
 def run_recording_sizes(progressive, steps=20, warmup=1):
