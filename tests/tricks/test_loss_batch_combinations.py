@@ -114,9 +114,14 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_batch(ranks, name):
     assert_close(ranks[0][name]["params"], reference)
 
 
+def smaller_weight(soft_targets: torch.Tensor) -> float:
+    """min(λ, 1-λ) of a mixed batch: the smallest nonzero entry of its soft targets."""
+    return soft_targets[soft_targets > 0].min().item()
+
+
 @pytest.mark.parametrize("name", MIXING)
-def test_each_rank_mixes_its_own_batch(ranks, name):
-    for step in range(STEPS):
-        own = [rank[name]["targets"][step] for rank in ranks]
-        assert own[0].shape == (BATCH // WORLD, CLASSES)  # soft targets of this rank's share only
-        assert not torch.equal(own[0], own[1])  # different shares, different λ
+def test_each_rank_mixes_its_own_batch_with_its_own_lambda(ranks, name):
+    weights = [[smaller_weight(t) for t in rank[name]["targets"]] for rank in ranks]
+    for rank in ranks:
+        assert all(t.shape == (BATCH // WORLD, CLASSES) for t in rank[name]["targets"])  # its own share only
+    assert weights[0] != weights[1]  # drawn from each rank's own generator (seed + rank)
