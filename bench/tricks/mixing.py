@@ -56,7 +56,6 @@ class _Mixing(Trick):
     """One of the two mixing tricks."""
 
     default = None
-    values_help = "null | alpha > 0 of Beta(alpha, alpha), e.g. 0.2 (mixup) or 1.0 (cutmix)"
 
     @classmethod
     def parse(cls, value: Any) -> Any:
@@ -84,9 +83,11 @@ class _Mixing(Trick):
 class MixUp(_Mixing):
     name = "mixup"
     description = "mixup: convex combinations of sample pairs and their labels (torchvision v2.MixUp)"
+    values_help = "null | alpha > 0 of Beta(alpha, alpha), e.g. 0.2"
 
 
 @register
 class CutMix(_Mixing):
     name = "cutmix"
     description = "cutmix: a box of another sample pasted in, labels by area (torchvision v2.CutMix)"
+    values_help = "null | alpha > 0 of Beta(alpha, alpha), e.g. 1.0"

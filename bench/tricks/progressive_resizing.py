@@ -8,7 +8,8 @@ scale(t)·S, scale growing linearly from ``start`` to ``end`` over the first ``u
 staying at ``end`` afterwards (S: the dataset's image side). Sides are rounded to the nearest
 multiple of 4 (Composer's default ``size_increment``: fine enough that a 16-pixel run gets 8, 12
 and 16, where multiples of 8 would leave only 8 and 16), never below 8, and the full side S is
-kept as it is when the scale reaches it. Evaluation always runs at the full size.
+kept as it is when the scale reaches it. Images must be square (every dataset here is); evaluation
+always runs at the full size.
 
 Measurement: the loop's two measurement steps (memory, then FLOPs; right after warm-up) run at
 the *end* size, the largest, so the row's ``peak_memory_bytes`` is the run's real peak and its
@@ -113,7 +114,9 @@ class ProgressiveResizing(Trick):
             facts = dataset_facts(config)
         except FileNotFoundError:
             return  # the cell's feasibility check reports the missing data
-        channels, full = facts.input_shape[0], facts.input_shape[1]
+        channels, height, full = facts.input_shape
+        if height != full:
+            raise ValueError(f"progressive_resizing resizes square images; {config.dataset} has {height}x{full}")
         smallest, largest = side_at(value["start"], full), side_at(value["end"], full)
         for side in (s for s in allowed_sides(full) if smallest <= s <= largest):
             problem = _meta_forward(config.model, facts.num_classes, (channels, side, side), 2)
