@@ -15,7 +15,8 @@ The gradient is taken with ``create_graph=True`` so the update differentiates th
 second backward pass through the first one ("double backward"), which FlopCounterMode sees, so
 ``flops_per_step`` includes it (roughly 2-3x the FLOPs of a plain step). Works under DDP (only the
 final backward accumulates parameter gradients, so DDP's reducer fires once per step) and with
-non-reentrant checkpointing (the recomputed graph supports double backward).
+non-reentrant checkpointing (the recomputed graph supports double backward). Attention runs in
+its math form (``sdpa_kernel(SDPBackend.MATH)``): the fused kernels cannot be differentiated twice.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.spec import LossFn, Trick
 from bench.tricks import register
@@ -32,7 +34,9 @@ def penalised_loss(loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor,
     """loss_fn(inputs, targets) + weight · B · ‖∂loss/∂inputs‖², differentiable twice."""
     # A non-leaf: FlopCounterMode's backward hooks on module inputs refuse a leaf in autograd.grad.
     inputs = inputs.detach().requires_grad_(True).clone()
-    loss = loss_fn(inputs, targets)
+    # The fused attention kernels (flash, memory-efficient) have no double backward; the math one has.
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = loss_fn(inputs, targets)
     # The gradient of the summed loss (B·L): per-sample magnitudes, not 1/B of them, so low
     # precision backward passes do not underflow; B·‖∂L/∂x‖² = ‖∂(B·L)/∂x‖² / B.
     (grad_of_sum,) = torch.autograd.grad(loss * len(inputs), inputs, create_graph=True)

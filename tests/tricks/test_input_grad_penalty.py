@@ -112,3 +112,25 @@ def test_parse_rejects(value):
 def test_parse_accepts_and_zero_is_off():
     assert InputGradPenalty.parse(0) == 0.0 and not InputGradPenalty.is_active(0.0)
     assert InputGradPenalty.parse(1) == 1.0
+
+
+class Attend(nn.Module):
+    """Self-attention over the 3 channels of a 4x4 image as tokens; logits of 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2)
+        return self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(dim=2)
+
+
+def test_attention_is_differentiated_twice():
+    """CPU's fused (flash) attention kernel has no double backward; the trick runs attention in
+    its math form, so an attention model trains with the penalty."""
+    torch.manual_seed(0)
+    model = Attend()
+    batch = torch.randn(4, 3, 4, 4), torch.randint(0, 3, (4,))
+    step_with([InputGradPenalty(LAMBDA)], model, batch)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
