@@ -69,7 +69,6 @@ def train_steps(world_size: int, name: str, rank: int = 0) -> dict:
     config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": STEPS, "warmup_steps": 5,
                                  "batch_size": BATCH, "world_size": world_size,
                                  "optimizer": {"lr": 0.1, "momentum": 0.0}, name: VALUES[name]}, "test")
-    torch.manual_seed(rank)  # as prepare_run seeds each rank
     model = small_net()
     tricks = build_tricks(config) + [TargetProbe(None)]
     for trick in tricks:
@@ -79,6 +78,7 @@ def train_steps(world_size: int, name: str, rank: int = 0) -> dict:
     for trick in tricks:
         trick.setup(context)
     share = BATCH // world_size
+    torch.manual_seed(rank)  # each rank its own generator, as prepare_run seeds them (seed + rank)
     for x, y in batches():
         run_step(model, optimizer, tricks, (x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]))
     return {"params": [p.detach().clone() for p in unwrap(model).parameters()], "targets": tricks[-1].seen}
