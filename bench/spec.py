@@ -63,6 +63,8 @@ class RunContext:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     config: Any  # bench.config.TrainConfig; typed loosely to keep this module import-free
+    num_classes: int | None = None  # of the dataset (mixup's one-hot targets); None where unknown (unit tests)
+    total_steps: int | None = None  # optimizer steps of the run (schedules over training); None where unknown
 
 
 class Trick:

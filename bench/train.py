@@ -211,9 +211,17 @@ def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
         model = trick.prepare_model(model)
     model.train()
     optimizer = build_optimizer(config, model, tricks)
+    context = RunContext(device=device, model=model, optimizer=optimizer, config=config,
+                         num_classes=splits.num_classes, total_steps=optimizer_steps(config, len(splits.train)))
     for trick in tricks:
-        trick.setup(RunContext(device=device, model=model, optimizer=optimizer, config=config))
+        trick.setup(context)
     return Run(config, device, splits, model, optimizer, tricks)
+
+
+def optimizer_steps(config: TrainConfig, train_size: int) -> int:
+    """The run's optimizer steps: ``steps``, or ``epochs`` of the batches each rank's loader yields
+    (DistributedSampler and DataLoader both drop the last partial share)."""
+    return config.steps or config.epochs * (train_size // distributed.world_size() // config.per_rank_batch_size)
 
 
 def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[Batch]:
@@ -263,6 +271,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     loader = run.train_loader(seed)
     steps_per_epoch = len(loader)
     total_steps = config.steps or config.epochs * steps_per_epoch
+    assert total_steps == optimizer_steps(config, len(run.splits.train))  # what the tricks were told
     memory_at, flops_at = config.warmup_steps, config.warmup_steps + 1  # the MEASUREMENT_STEPS
     first_timed = config.warmup_steps + MEASUREMENT_STEPS
     if total_steps < min_total_steps(config.warmup_steps):  # refused at validation; the loop relies on it

@@ -29,6 +29,11 @@ SMOKE_VALUES: dict[str, list] = {
     "stochastic_depth": [0.2],
     "no_decay_bn_bias": [True],
     "attention": ["math", "sdpa", {"chunked": 2}],
+    "label_smoothing": [0.1],
+    "mixup": [0.2],
+    "cutmix": [1.0],
+    "input_grad_penalty": [0.01],
+    "progressive_resizing": [{"start": 0.5, "end": 1.0, "until": 0.75}],
 }
 # Tricks that need another model than tiny_cnn (check() rejects it).
 SMOKE_MODELS = {"zero_init_residual": "resnet18_cifar", "stochastic_depth": "resnet18_cifar", "attention": "vit_tiny"}
