@@ -19,3 +19,4 @@ from bench.tricks import (  # noqa: E402,F401
     ema,
     world_size,
 )
+from bench.tricks import augment  # noqa: E402,F401
