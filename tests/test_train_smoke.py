@@ -21,6 +21,7 @@ SMOKE_VALUES: dict[str, list] = {
     "precision": ["bf16", "fp16"],
     "sam": [0.05],
     "ema": [0.9],
+    "augment": ["trivialaugment"],
     "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
 }
 SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
