@@ -1,4 +1,5 @@
-"""Diagnostics as files: LR over training for every schedule, and gradient flow per layer.
+"""Diagnostics as files: LR over training for every schedule, and gradient flow per layer; or,
+with ``--lr-finder``, an LR range test (``bench.lr_finder``) that suggests a learning rate.
 
 Not measurements: these run in-process for a few steps and never write result rows.
 """
@@ -102,9 +103,28 @@ def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path) -> 
     return written
 
 
+def lr_finder(matrix: Matrix, cell_id: str | None, min_lr: float, max_lr: float, steps: int,
+              out_dir: Path) -> tuple[Path, float]:
+    """The LR range test of a cell: its figure and the suggested learning rate."""
+    from bench.lr_finder import find_lr, plot_range_test
+
+    cell = _find_cell(matrix, cell_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = find_lr(cell.config, matrix.seeds[0], min_lr, max_lr, steps)
+    end = f"diverged at lr {result.lrs[-1]:.3g}" if result.stopped_early else f"reached max lr {max_lr:g}"
+    title = f"LR range test, {matrix.name} cell {cell.cell_id} ({len(result.lrs)} steps, {end})\n{cell.label()}"
+    path = plot_range_test(result, title, out_dir / f"lr_finder_{cell.cell_id}.png")
+    print(f"lr finder: smoothed loss lowest at lr {result.min_loss_lr:.3g}, {end}; "
+          f"suggested lr {result.suggested_lr:.3g} (lowest/10)")
+    return path, result.suggested_lr
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from bench.cli import check_out_dir
 
+    if args.lr_finder and not 0 < args.min_lr < args.max_lr:
+        raise ConfigError("arguments", "--min-lr/--max-lr", f"need 0 < min < max, got {args.min_lr:g} and "
+                          f"{args.max_lr:g}")
     matrix = load_matrix(args.matrix, profile=args.profile)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name / "diagnostics"
     check_out_dir(out_dir)
@@ -112,6 +132,10 @@ def _cmd(args: argparse.Namespace) -> int:
     if cell.config.world_size > 1:  # gradient flow runs in this one process, not under torchrun
         raise ConfigError(matrix.file, f"--cell {cell.cell_id}", f"world_size {cell.config.world_size}: diagnose "
                           "runs one process; pick a world_size 1 cell (see run --dry-run)")
+    if args.lr_finder:
+        path, _ = lr_finder(matrix, cell.cell_id, args.min_lr, args.max_lr, args.finder_steps, out_dir)
+        print(path)
+        return 0
     for path in diagnose(matrix, cell.cell_id, args.steps, out_dir):
         print(path)
     return 0
@@ -129,10 +153,17 @@ def _find_cell(matrix: Matrix, cell_id: str | None) -> Cell:
 def add_cli(subparsers: Any) -> None:
     from bench.cli import positive_int
 
-    parser = subparsers.add_parser("diagnose", help="LR-schedule and gradient-flow figures for a cell")
+    parser = subparsers.add_parser("diagnose", help="LR-schedule and gradient-flow figures for a cell, "
+                                   "or an LR range test (--lr-finder)")
     parser.add_argument("matrix", help="ablation YAML file")
     parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
     parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")
     parser.add_argument("--steps", type=positive_int, default=20, help="training steps before reading gradients")
     parser.add_argument("--out", help="output folder (default results/<matrix>/diagnostics/)")
+    parser.add_argument("--lr-finder", action="store_true", help="LR range test instead: loss-vs-LR figure and "
+                        "a suggested learning rate")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="lr finder: first learning rate (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="lr finder: last learning rate (default 10)")
+    parser.add_argument("--finder-steps", type=positive_int, default=100,
+                        help="lr finder: optimizer steps from min to max lr (default 100)")
     parser.set_defaults(func=_cmd)
