@@ -1,0 +1,31 @@
+"""`trickbench list tricks`: every registered trick, its one-line description and its values."""
+from __future__ import annotations
+
+from bench.cli import main
+from bench.tricks import TRICKS
+
+
+def test_every_trick_is_listed_with_description_and_values(capsys):
+    assert main(["list", "tricks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Only a trick's own line starts at column 0: continuation lines of its values are indented.
+    heads = [line for line in lines if line and not line[0].isspace()]
+    assert [line.split()[0] for line in heads] == TRICKS.names()
+    text = "\n".join(lines)
+    for entry in TRICKS:
+        description, values = entry.description.strip(), entry.obj.values_help.strip()
+        assert description and "\n" not in description, entry.name
+        assert values, entry.name
+        assert any(line.split(maxsplit=1) == [entry.name, description] for line in heads), entry.name
+        for value_line in values.splitlines():
+            assert value_line.strip() in text, (entry.name, value_line)
+
+
+def test_values_continuation_lines_align_under_the_first(capsys):
+    main(["list", "tricks"])
+    lines = capsys.readouterr().out.splitlines()
+    multi = [i for i, line in enumerate(lines) if "values:" in line and i + 1 < len(lines)
+             and not lines[i + 1].lstrip().startswith("values:") and lines[i + 1][:1].isspace()]
+    assert multi, "expected at least one trick with multi-line values (augment)"
+    for i in multi:
+        assert lines[i + 1].index(lines[i + 1].strip()) == lines[i].index("values:") + len("values: ")
