@@ -32,7 +32,7 @@ from bench.stats import Row, clean, compare_runs, ran_under_load, run_step_ms
 DEFAULT_MATRIX = """\
 # A/A: one short config; `trickbench aa` runs its baseline cell once per seed.
 name: aa
-base: {model: tiny_cnn, dataset: digits, download: false, augment: false, image_size: 8,
+base: {model: tiny_cnn, dataset: digits, download: false, augment: none, image_size: 8,
        batch_size: 32, steps: 30, optimizer: {name: sgd, lr: 0.05}}
 axes: {precision: [fp32]}
 """

@@ -199,13 +199,24 @@ def summarize(outcome, out_dir: Path) -> int:
     return 1 if failed or missing else 0
 
 
+def format_tricks() -> str:
+    """Every registered trick: name and description, then its values under them, each line of a
+    multi-line ``values_help`` aligned under the first."""
+    from bench.tricks import TRICKS
+
+    width = max(len(name) for name in TRICKS.names())
+    lines = []
+    for entry in TRICKS:
+        first, *rest = entry.obj.values_help.strip().splitlines()
+        lines.append(f"{entry.name:<{width}}  {entry.description}")
+        lines.append(f"{'':<{width}}  values: {first.strip()}")
+        lines += [f"{'':<{width}}          {line.strip()}" for line in rest]
+    return "\n".join(lines)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "tricks":
-        from bench.tricks import TRICKS
-
-        width = max(len(entry.name) for entry in TRICKS)
-        for entry in TRICKS:
-            print(f"{entry.name:<{width}} {entry.description}\n{'':<{width}} values: {entry.obj.values_help}")
+        print(format_tricks())
     elif args.what == "models":
         from bench.models import MODELS, torchvision_names
 

@@ -99,7 +99,6 @@ class TrainConfig:
     image_size: Optional[int] = None
     num_classes: Optional[int] = None  # synthetic only
     num_samples: int = 2048  # synthetic only
-    augment: bool = False
     warmup_steps: int = 3  # optimizer steps excluded from timing (first-step/allocator/autotune)
     device: str = "auto"
     time_limit_s: float = 3600.0  # per run; the child is killed and the run recorded as timeout

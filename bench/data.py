@@ -39,23 +39,46 @@ class DatasetSplits:
     num_classes: int
     input_shape: tuple[int, int, int]  # C, H, W of one sample
     accuracy_meaningful: bool  # False for synthetic (random labels)
+    # Per-channel (mean, std) the inputs were normalized with: image = input * std + mean in [0, 1].
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]
+    flip_safe: bool  # whether a mirrored sample keeps its label (not for digits: a mirrored 2 is no 2)
 
 
-def build_dataset(cfg: Any, train_transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()) -> DatasetSplits:
-    """Build the splits of the dataset named ``cfg.dataset``; names resolve only through DATASETS.
+# Synthetic inputs are N(0, 1) noise, no image; read as normalized images of N(0.5, 0.25²) pixels,
+# 95% of them fall in [0, 1], so an augmentation sees roughly what it expects.
+SYNTHETIC_STATS = ((0.5,) * 3, (0.25,) * 3)
 
-    ``train_transforms`` (the tricks' per-sample transforms) run, in order, on every training
-    input after the dataset's own preprocessing, in the DataLoader workers; never on the test split.
-    """
+
+def build_dataset(cfg: Any) -> DatasetSplits:
+    """Build the splits of the dataset named ``cfg.dataset``; names resolve only through DATASETS."""
     if cfg.dataset not in DATASETS:
         raise ValueError(
             f"unknown dataset {cfg.dataset!r}{did_you_mean(cfg.dataset, DATASETS.names())}; "
             f"known: {', '.join(DATASETS.names())}"
         )
-    splits = DATASETS.get(cfg.dataset)(cfg)
-    if train_transforms:
-        splits = dataclasses.replace(splits, train=_Augmented(splits.train, v2.Compose(list(train_transforms))))
-    return splits
+    return DATASETS.get(cfg.dataset)(cfg)
+
+
+def augment_train(splits: DatasetSplits, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> DatasetSplits:
+    """The splits with ``transforms`` applied, in order, to every training image on access (in the
+    DataLoader workers); the test split is untouched.
+
+    The transforms see the image as torchvision expects it, float in [0, 1] (un-normalized), and
+    their output is normalized again with the dataset's statistics, so the per-sample pipeline is
+    raw → augment → normalize whatever the dataset's own preprocessing stored.
+    """
+    if not transforms:
+        return splits
+    mean, std = (torch.tensor(v) for v in splits.normalization)
+    to_image = v2.Normalize((-mean / std).tolist(), (1 / std).tolist())  # (x - (-m/s)) / (1/s) = x s + m
+    pipeline = v2.Compose([to_image, _clamp_unit, *transforms, v2.Normalize(*splits.normalization)])
+    return dataclasses.replace(splits, train=_Augmented(splits.train, pipeline))
+
+
+def _clamp_unit(image: torch.Tensor) -> torch.Tensor:
+    """Float rounding of the un-normalization can step just outside [0, 1], which torchvision's
+    colour operations assume."""
+    return image.clamp(0.0, 1.0)
 
 
 def _shape(ds: Dataset) -> tuple[int, int, int]:
@@ -91,15 +114,15 @@ def build_synthetic(cfg: Any) -> DatasetSplits:
     y = torch.randint(0, k, (n_train + n_test,), generator=g)
     train = TensorDataset(x[:n_train], y[:n_train])
     test = TensorDataset(x[n_train:], y[n_train:])
-    return DatasetSplits(train, test, k, (3, size, size), accuracy_meaningful=False)
+    return DatasetSplits(train, test, k, (3, size, size), accuracy_meaningful=False, normalization=SYNTHETIC_STATS,
+                         flip_safe=True)
 
 
 @DATASETS.register("digits", description="scikit-learn 8x8 digits upscaled to 3x32x32; real, tiny, offline")
 def build_digits(cfg: Any) -> DatasetSplits:
     """A real 10-class task that ships with scikit-learn, so accuracy can be compared without a download.
 
-    Preprocessing is batched over all 1797 images at once. With ``augment`` the train split gets a
-    random shift (zero-pad by S/8 then random crop); no flip, since mirrored digits change meaning.
+    Preprocessing is batched over all 1797 images at once. Not flip-safe: mirrored digits change meaning.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -114,16 +137,16 @@ def build_digits(cfg: Any) -> DatasetSplits:
     )
     x_train, x_test = x[torch.as_tensor(train_idx)], x[torch.as_tensor(test_idx)]
     mean, std = x_train.mean(), x_train.std()
-    train: Dataset = TensorDataset((x_train - mean) / std, y[torch.as_tensor(train_idx)])
+    train = TensorDataset((x_train - mean) / std, y[torch.as_tensor(train_idx)])
     test = TensorDataset((x_test - mean) / std, y[torch.as_tensor(test_idx)])
-    if cfg.augment:
-        train = _Augmented(train, v2.RandomCrop(size, padding=max(size // 8, 1)))
-    return DatasetSplits(train, test, 10, (3, size, size), accuracy_meaningful=True)
+    stats = ((mean.item(),) * 3, (std.item(),) * 3)
+    return DatasetSplits(train, test, 10, (3, size, size), accuracy_meaningful=True, normalization=stats,
+                         flip_safe=False)
 
 
-def _transforms(cfg: Any, stats: tuple, native: int, grey: bool, flip: bool) -> tuple[v2.Compose, v2.Compose]:
-    """(train, test) pipelines for small torchvision datasets: always 3 channels at ``native`` size,
-    then resized when ``cfg.image_size`` asks for another size."""
+def _transforms(cfg: Any, stats: tuple, native: int, grey: bool) -> v2.Compose:
+    """The pipeline of small torchvision datasets: always 3 channels at ``native`` size, then
+    resized when ``cfg.image_size`` asks for another size (augmentation: ``augment_train``)."""
     head: list[Any] = [v2.ToImage()]
     if grey:  # 1x28x28 -> 3x32x32, so every model sees the same input as on CIFAR
         head += [v2.Grayscale(num_output_channels=3), v2.Pad(2)]
@@ -131,12 +154,7 @@ def _transforms(cfg: Any, stats: tuple, native: int, grey: bool, flip: bool) -> 
     if cfg.image_size and cfg.image_size != native:
         tail.append(v2.Resize((cfg.image_size, cfg.image_size)))
     tail += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*stats)]
-    aug: list[Any] = []
-    if cfg.augment:
-        aug.append(v2.RandomCrop(native, padding=4))
-        if flip:
-            aug.append(v2.RandomHorizontalFlip())
-    return v2.Compose(head + aug + tail), v2.Compose(head + tail)
+    return v2.Compose(head + tail)
 
 
 def _load(cls: type, name: str, cfg: Any, train: bool, transform: Callable) -> Dataset:
@@ -153,10 +171,11 @@ def _load(cls: type, name: str, cfg: Any, train: bool, transform: Callable) -> D
 
 
 def _torchvision(cls: type, name: str, cfg: Any, stats: tuple, grey: bool, flip: bool) -> DatasetSplits:
-    train_tf, test_tf = _transforms(cfg, stats, native=32, grey=grey, flip=flip)
-    train = _load(cls, name, cfg, True, train_tf)
-    test = _load(cls, name, cfg, False, test_tf)
-    return DatasetSplits(train, test, len(train.classes), _shape(test), accuracy_meaningful=True)
+    transform = _transforms(cfg, stats, native=32, grey=grey)
+    train = _load(cls, name, cfg, True, transform)
+    test = _load(cls, name, cfg, False, transform)
+    return DatasetSplits(train, test, len(train.classes), _shape(test), accuracy_meaningful=True,
+                         normalization=stats, flip_safe=flip)
 
 
 @DATASETS.register("cifar10", description="CIFAR-10, 3x32x32, 10 classes (torchvision)")
@@ -173,7 +192,7 @@ def build_cifar100(cfg: Any) -> DatasetSplits:
 
 @DATASETS.register("mnist", description="MNIST digits, padded to 3x32x32 (torchvision)")
 def build_mnist(cfg: Any) -> DatasetSplits:
-    """MNIST from ``data_dir``, made 3x32x32. Augment is a padded random crop only: flips change digits."""
+    """MNIST from ``data_dir``, made 3x32x32. Not flip-safe: mirrored digits change meaning."""
     return _torchvision(tvd.MNIST, "mnist", cfg, MNIST_STATS, grey=True, flip=False)
 
 
@@ -192,17 +211,13 @@ def build_imagefolder(cfg: Any) -> DatasetSplits:
         if not folder.is_dir():
             raise FileNotFoundError(f"imagefolder: missing folder {str(folder)!r} (expected <data_dir>/train and /val)")
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*IMAGENET_STATS)]
-    eval_tf = v2.Compose([v2.ToImage(), v2.Resize(size), v2.CenterCrop(size), *tail])
-    train_tf = (
-        v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *tail])
-        if cfg.augment
-        else eval_tf
-    )
-    train = tvd.ImageFolder(str(roots["train"]), transform=train_tf)
-    test = tvd.ImageFolder(str(roots["val"]), transform=eval_tf)
+    transform = v2.Compose([v2.ToImage(), v2.Resize(size), v2.CenterCrop(size), *tail])
+    train = tvd.ImageFolder(str(roots["train"]), transform=transform)
+    test = tvd.ImageFolder(str(roots["val"]), transform=transform)
     if test.classes != train.classes:  # labels are folder indices, so both splits need the same folders
         raise ValueError(f"imagefolder: train classes {train.classes} differ from val classes {test.classes}")
-    return DatasetSplits(train, test, len(train.classes), _shape(test), accuracy_meaningful=True)
+    return DatasetSplits(train, test, len(train.classes), _shape(test), accuracy_meaningful=True,
+                         normalization=IMAGENET_STATS, flip_safe=True)
 
 
 # ---- facts without loading: what validation needs to know before any run starts ----

@@ -1,5 +1,6 @@
 """Diagnostics as files: LR over training for every schedule, gradient flow and activation/gradient
-statistics per layer, and (``--profile-trace``) a profiler trace with its top operators.
+statistics per layer, and (``--profile-trace``) a profiler trace with its top operators; or, with
+``--lr-finder``, an LR range test (``bench.lr_finder``) that suggests a learning rate.
 
 Not measurements: these run in-process for a few steps and never write result rows.
 """
@@ -142,9 +143,28 @@ def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path,
     return written
 
 
+def lr_finder(matrix: Matrix, cell_id: str | None, min_lr: float, max_lr: float, steps: int,
+              out_dir: Path) -> tuple[Path, float]:
+    """The LR range test of a cell: its figure and the suggested learning rate."""
+    from bench.lr_finder import find_lr, plot_range_test
+
+    cell = _find_cell(matrix, cell_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = find_lr(cell.config, matrix.seeds[0], min_lr, max_lr, steps)
+    end = f"diverged at lr {result.lrs[-1]:.3g}" if result.stopped_early else f"reached max lr {max_lr:g}"
+    title = f"LR range test, {matrix.name} cell {cell.cell_id} ({len(result.lrs)} steps, {end})\n{cell.label()}"
+    path = plot_range_test(result, title, out_dir / f"lr_finder_{cell.cell_id}.png")
+    print(f"lr finder: smoothed loss lowest at lr {result.min_loss_lr:.3g}, {end}; "
+          f"suggested lr {result.suggested_lr:.3g} (lowest/10)")
+    return path, result.suggested_lr
+
+
 def _cmd(args: argparse.Namespace) -> int:
     from bench.cli import check_out_dir
 
+    if args.lr_finder and not 0 < args.min_lr < args.max_lr:
+        raise ConfigError("arguments", "--min-lr/--max-lr", f"need 0 < min < max, got {args.min_lr:g} and "
+                          f"{args.max_lr:g}")
     matrix = load_matrix(args.matrix, profile=args.profile)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name / "diagnostics"
     check_out_dir(out_dir)
@@ -152,6 +172,10 @@ def _cmd(args: argparse.Namespace) -> int:
     if cell.config.world_size > 1:  # gradient flow runs in this one process, not under torchrun
         raise ConfigError(matrix.file, f"--cell {cell.cell_id}", f"world_size {cell.config.world_size}: diagnose "
                           "runs one process; pick a world_size 1 cell (see run --dry-run)")
+    if args.lr_finder:
+        path, _ = lr_finder(matrix, cell.cell_id, args.min_lr, args.max_lr, args.finder_steps, out_dir)
+        print(path)
+        return 0
     for path in diagnose(matrix, cell.cell_id, args.steps, out_dir, profile_trace=args.profile_trace):
         print(path)
     return 0
@@ -170,7 +194,7 @@ def add_cli(subparsers: Any) -> None:
     from bench.cli import positive_int
 
     parser = subparsers.add_parser("diagnose", help="LR-schedule, gradient-flow and layer-statistics figures of a "
-                                   "cell (and a profiler trace)")
+                                   "cell (and a profiler trace), or an LR range test (--lr-finder)")
     parser.add_argument("matrix", help="ablation YAML file")
     parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
     parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")
@@ -178,4 +202,10 @@ def add_cli(subparsers: Any) -> None:
     parser.add_argument("--out", help="output folder (default results/<matrix>/diagnostics/)")
     parser.add_argument("--profile-trace", action="store_true",
                         help=f"also a torch.profiler Chrome trace of {PROFILE_STEPS} more steps and its top operators")
+    parser.add_argument("--lr-finder", action="store_true", help="LR range test instead: loss-vs-LR figure and "
+                        "a suggested learning rate")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="lr finder: first learning rate (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="lr finder: last learning rate (default 10)")
+    parser.add_argument("--finder-steps", type=positive_int, default=100,
+                        help="lr finder: optimizer steps from min to max lr (default 100)")
     parser.set_defaults(func=_cmd)

@@ -4,7 +4,7 @@ A trick is one small class registered by name. Its YAML value (e.g. ``ema: 0.999
 once at the config boundary; an instance is built per run with that value. The loop calls these
 hooks, each a no-op by default, in a fixed order:
 
-    sample_transform  -> a per-sample transform of training inputs, run in DataLoader workers
+    sample_transform  -> a per-sample transform of training images, run in DataLoader workers
     prepare_model     -> change the model once before training (checkpointing, DDP wrapper, ...)
     param_groups      -> the optimizer's parameter groups (no weight decay on BN and biases)
     optimizer_options -> keyword arguments of the optimizer (foreach / fused implementation)
@@ -99,9 +99,10 @@ class Trick:
         return value != cls.default
 
     # ---- hooks ----
-    def sample_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """A random transform of one training input (C, H, W), applied in the DataLoader
-        workers after the dataset's own preprocessing; never applied to the evaluation split."""
+    def sample_transform(self, data: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A random transform of one training image (C, H, W), float in [0, 1] before normalization,
+        applied in the DataLoader workers; never to the evaluation split. ``data``: the run's
+        ``bench.data.DatasetSplits`` (input_shape, flip_safe, ...)."""
         return None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:

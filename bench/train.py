@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import distributed, flop_formulas  # noqa: F401 - registers FLOP formulas torch lacks
 from bench.config import MEASUREMENT_STEPS, TrainConfig, min_total_steps
-from bench.data import DatasetSplits, build_dataset
+from bench.data import DatasetSplits, augment_train, build_dataset
 from bench.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, synchronize
 from bench.memory import track_step_memory
 from bench.models import build_model
@@ -203,8 +203,8 @@ def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
     seed_everything(seed + distributed.rank())
     torch.use_deterministic_algorithms(config.deterministic)
     tricks = build_tricks(config)
-    transforms = [t for t in (trick.sample_transform() for trick in tricks) if t is not None]
-    splits = build_dataset(config, train_transforms=transforms)
+    splits = build_dataset(config)
+    splits = augment_train(splits, [t for t in (trick.sample_transform(splits) for trick in tricks) if t is not None])
     # On its device before a DDP wrap; the input's side length for fixed-size models (ViT).
     model = build_model(config.model, splits.num_classes, image_size=splits.input_shape[-1]).to(device)
     for trick in tricks:

@@ -14,13 +14,13 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import datasets as tvd
 
-from bench.data import DATASETS, DatasetSplits, build_dataset
+from bench.data import CIFAR10_STATS, DATASETS, DatasetSplits, build_dataset
 
 
 def cfg(dataset: str, **kw) -> SimpleNamespace:
     base = dict(
         dataset=dataset, data_dir="/nonexistent", download=False, image_size=None,
-        num_classes=None, num_samples=16, augment=False,
+        num_classes=None, num_samples=16,
     )
     return SimpleNamespace(**{**base, **kw})
 
@@ -80,12 +80,16 @@ def test_digits():
     assert torch.equal(again.test.tensors[1], s.test.tensors[1])  # fixed split
 
 
-def test_digits_image_size_and_augment():
-    s = build_dataset(cfg("digits", image_size=16, augment=True))
+def test_digits_image_size_and_stats():
+    s = build_dataset(cfg("digits", image_size=16))
     assert s.input_shape == (3, 16, 16)
     x, y = s.train[0]
     assert x.shape == (3, 16, 16) and y.dtype == torch.int64
     assert isinstance(s.test, TensorDataset)
+    assert not s.flip_safe  # a mirrored digit is another symbol
+    (mean, *_), (std, *_) = s.normalization
+    images = s.train.tensors[0] * std + mean  # the stored statistics undo the normalization
+    assert images.min() >= -1e-6 and images.max() <= 1 + 1e-6 and images.max() > 0.99
 
 
 # --- cifar -----------------------------------------------------------------------------------------
@@ -133,15 +137,14 @@ def test_cifar10(tmp_path, skip_md5):
     x, y = s.test[1]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 9
     assert [s.train[i][1] for i in range(len(s.train))] == [(i + j) % 10 for i in range(1, 6) for j in range(4)]
-    aug = build_dataset(cfg("cifar10", data_dir=str(tmp_path), augment=True))
-    assert aug.train[0][0].shape == (3, 32, 32)
-    big = build_dataset(cfg("cifar10", data_dir=str(tmp_path), image_size=40, augment=True))
+    assert s.flip_safe and s.normalization == CIFAR10_STATS
+    big = build_dataset(cfg("cifar10", data_dir=str(tmp_path), image_size=40))
     assert big.input_shape == (3, 40, 40) and big.train[0][0].shape == (3, 40, 40)
 
 
 def test_cifar100(tmp_path, skip_md5):
     write_cifar100(tmp_path)
-    s = build_dataset(cfg("cifar100", data_dir=str(tmp_path), augment=True))
+    s = build_dataset(cfg("cifar100", data_dir=str(tmp_path)))
     assert (len(s.train), len(s.test)) == (6, 2)
     assert s.num_classes == 100 and s.input_shape == (3, 32, 32)
     assert [s.train[i][1] for i in range(6)] == [0, 1, 2, 97, 98, 99]
@@ -176,8 +179,9 @@ def test_mnist_like(tmp_path, name, folder):
     x, y = s.test[2]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 2
     assert torch.equal(x[0], x[1])  # grey repeated to 3 channels
-    aug = build_dataset(cfg(name, data_dir=str(tmp_path), augment=True, image_size=28))
-    assert aug.input_shape == (3, 28, 28) and aug.train[0][0].shape == (3, 28, 28)
+    assert s.flip_safe == (name == "fashion_mnist")  # mirrored clothes stay clothes, digits do not
+    small = build_dataset(cfg(name, data_dir=str(tmp_path), image_size=28))
+    assert small.input_shape == (3, 28, 28) and small.train[0][0].shape == (3, 28, 28)
 
 
 # --- imagefolder -----------------------------------------------------------------------------------
@@ -198,8 +202,7 @@ def test_imagefolder(tmp_path):
     assert (len(s.train), len(s.test)) == (6, 3)
     assert s.num_classes == 3 and s.input_shape == (3, 32, 32)
     assert s.test[2][1] == 2 and s.test[2][0].shape == (3, 32, 32)
-    aug = build_dataset(cfg("imagefolder", data_dir=str(tmp_path), image_size=32, augment=True))
-    assert aug.train[0][0].shape == (3, 32, 32)
+    assert s.train[0][0].shape == (3, 32, 32) and s.flip_safe
 
 
 def test_imagefolder_missing_val(tmp_path):

@@ -1,17 +1,31 @@
-"""`trickbench list tricks` shows every registered trick with its values, in aligned columns."""
+"""`trickbench list tricks`: every registered trick, its one-line description and its values."""
 from __future__ import annotations
 
 from bench.cli import main
 from bench.tricks import TRICKS
 
 
-def test_list_tricks_shows_every_trick_aligned(capsys):
+def test_every_trick_is_listed_with_description_and_values(capsys):
     assert main(["list", "tricks"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 * len(TRICKS.names())
-    names, values = lines[0::2], lines[1::2]
-    column = len(max(TRICKS.names(), key=len)) + 1  # where descriptions and values start
-    for entry, name_line, values_line in zip(TRICKS, names, values):
-        assert name_line[:column].rstrip() == entry.name
-        assert name_line[column:] == entry.description
-        assert values_line[:column].strip() == "" and values_line[column:] == f"values: {entry.obj.values_help}"
+    # Only a trick's own line starts at column 0: continuation lines of its values are indented.
+    heads = [line for line in lines if line and not line[0].isspace()]
+    assert [line.split()[0] for line in heads] == TRICKS.names()
+    text = "\n".join(lines)
+    for entry in TRICKS:
+        description, values = entry.description.strip(), entry.obj.values_help.strip()
+        assert description and "\n" not in description, entry.name
+        assert values, entry.name
+        assert any(line.split(maxsplit=1) == [entry.name, description] for line in heads), entry.name
+        for value_line in values.splitlines():
+            assert value_line.strip() in text, (entry.name, value_line)
+
+
+def test_values_continuation_lines_align_under_the_first(capsys):
+    main(["list", "tricks"])
+    lines = capsys.readouterr().out.splitlines()
+    multi = [i for i, line in enumerate(lines) if "values:" in line and i + 1 < len(lines)
+             and not lines[i + 1].lstrip().startswith("values:") and lines[i + 1][:1].isspace()]
+    assert multi, "expected at least one trick with multi-line values (augment)"
+    for i in multi:
+        assert lines[i + 1].index(lines[i + 1].strip()) == lines[i].index("values:") + len("values: ")

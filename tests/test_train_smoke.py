@@ -21,6 +21,7 @@ SMOKE_VALUES: dict[str, list] = {
     "precision": ["bf16", "fp16"],
     "sam": [0.05],
     "ema": [0.9],
+    "augment": ["trivialaugment"],
     "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
     "grad_clip": [{"norm": 0.5}, {"value": 0.01}],
     "grad_centralization": [True],

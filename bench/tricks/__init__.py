@@ -34,4 +34,5 @@ from bench.tricks import (  # noqa: E402,F401
     grad_centralization,
     lookahead,
     no_decay_bn_bias,
+    augment,
 )
