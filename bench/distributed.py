@@ -120,7 +120,9 @@ def wrap(model: nn.Module) -> DistributedDataParallel:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (to copy or evaluate: DDP's own forward is collective)."""
+    """The module inside a DDP wrapper (to copy or evaluate: DDP's own forward is collective) and
+    inside torch.compile's wrapper (which the compile trick puts outermost)."""
+    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 

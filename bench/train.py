@@ -174,9 +174,11 @@ class Run:
         """
         sampler = DistributedSampler(self.splits.train, num_replicas=distributed.world_size(),
                                      rank=distributed.rank(), shuffle=True, seed=seed, drop_last=True)
-        loader = DataLoader(self.splits.train, batch_size=self.config.per_rank_batch_size, sampler=sampler,
-                            drop_last=True, num_workers=self.config.num_workers,
-                            pin_memory=self.device.type == "cuda")
+        config = self.config
+        pin = self.device.type == "cuda" if config.pin_memory is None else config.pin_memory
+        loader = DataLoader(self.splits.train, batch_size=config.per_rank_batch_size, sampler=sampler,
+                            drop_last=True, num_workers=config.num_workers, pin_memory=pin,
+                            persistent_workers=config.persistent_workers, prefetch_factor=config.prefetch_factor)
         if len(loader) == 0:
             raise ValueError(f"per-rank batch size {self.config.per_rank_batch_size} exceeds the {len(sampler)} "
                              f"training samples of each of {distributed.world_size()} ranks")
@@ -230,8 +232,10 @@ def memory_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
     cuda = run.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    # Freed first thing in the step anyway; so every gradient of the peak is allocated in it.
-    run.optimizer.zero_grad(set_to_none=True)
+    # What the step's own zero_grad does first thing anyway, done before tracking starts: freed
+    # gradients (the default) are then all allocated in the step; gradients kept and zeroed in
+    # place (zero_grad: zeros, accumulation tricks that keep them) are live all through it.
+    run.optimizer.zero_grad(set_to_none=all(trick.release_gradients() for trick in run.tricks))
     with track_step_memory(run.model, run.optimizer, run.tricks, batch, run.device) as ledger:
         loss = run.step(batch, instrument=ledger.instrument)
     synchronize(run.device)

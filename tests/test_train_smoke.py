@@ -22,6 +22,12 @@ SMOKE_VALUES: dict[str, list] = {
     "sam": [0.05],
     "ema": [0.9],
     "world_size": [],  # W > 1 needs W processes: tests/test_ddp.py
+    "channels_last": [True],
+    "inplace_activations": [False],
+    "optimizer_impl": ["for_loop", "foreach", "fused"],
+    "zero_grad": ["zeros"],
+    "cudnn_benchmark": [True],
+    "compile": ["default"],
 }
 SKIPPED = {"world_size": "world_size > 1 needs one process per rank: trained under gloo in tests/test_ddp.py"}
 MISSING = object()

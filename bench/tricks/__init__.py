@@ -19,3 +19,6 @@ from bench.tricks import (  # noqa: E402,F401
     ema,
     world_size,
 )
+from bench.tricks import channels_last, inplace_activations, optimizer_impl, zero_grad, cudnn_benchmark  # noqa: E402,F401
+# compile must stay the LAST import: its prepare_model wraps what every other trick made of the model.
+from bench.tricks import torch_compile  # noqa: E402,F401
