@@ -240,7 +240,8 @@ def memory_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         loss = run.step(batch, instrument=ledger.instrument)
     synchronize(run.device)
     report = ledger.report()
-    metrics: dict[str, Any] = {"peak_memory_bytes": report.peak_memory_bytes, "memory_breakdown": report.breakdown}
+    metrics: dict[str, Any] = {"peak_memory_bytes": report.peak_memory_bytes, "memory_breakdown": report.breakdown,
+                               "activations_high_water_bytes": report.activations_high_water_bytes}
     if cuda:
         allocated = torch.cuda.max_memory_allocated(run.device)
         metrics.update(cuda_max_allocated_bytes=allocated,
