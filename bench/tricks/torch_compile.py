@@ -54,8 +54,11 @@ def compile_seconds(records: list[Any]) -> float:
 
 
 def first_message_line(error: BaseException) -> str:
-    """The compiler's own message: the first line, not Dynamo's closing hint about TORCHDYNAMO_VERBOSE."""
+    """The compiler's own message on one line: the first line of it, after Dynamo's
+    "backend='inductor' raised:" header when there is one, never its closing TORCHDYNAMO_VERBOSE hint."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith("raised:"):
+        return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(error).__name__
 
 

@@ -124,20 +124,22 @@ def test_memory_and_flop_steps_run_the_eager_model_without_recompiling():
     assert flops[0] == flops[1] == 2 * (macs + macs + 4 * 8 * 3)
 
 
-def test_compiler_failure_is_an_error_row_with_the_compilers_message(monkeypatch):
+def test_compiler_failure_is_an_error_row_with_the_compilers_message():
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     from bench.worker import run_job
     from tests.tricks.speed_helpers import tiny_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached graph would need no compiler
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
     config = tiny_config(compile="default", device="cpu")
-    row = run_job({"matrix": "m", "cell_id": "c", "seed": 0, "axes": {}, "config": config.to_dict()})
+    # torch's own config patching (monkeypatch would delete these virtual attributes on undo);
+    # the caches off, since a cached graph would need no compiler.
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler",), "fx_graph_cache": False}), \
+            functorch_config.patch(enable_autograd_cache=False):
+        row = run_job({"matrix": "m", "cell_id": "c", "seed": 0, "axes": {}, "config": config.to_dict()})
     assert row["status"] == "error"
-    assert row["error"].startswith("RuntimeError: torch.compile failed: InvalidCxxCompiler")
+    assert row["error"].startswith("RuntimeError: torch.compile failed: ")
+    assert "InvalidCxxCompiler: No working C++ compiler found" in row["error"]
     assert row["failed_at_step"] == 0
 
 
