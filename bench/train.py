@@ -312,6 +312,8 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         mfu=achieved_tflops / peak,
         peak_rss_bytes=peak_rss_bytes(),
         time_to_target_s=recorder.time_to_target_s(config.target_accuracy),
+        # DataLoader pins only for an accelerator; on CPU pin_memory: true is recorded as not applied.
+        pin_memory_applied=loader.pin_memory and device.type == "cuda",
         **every_rank_memory(memory),
     )
     for trick in run.tricks:

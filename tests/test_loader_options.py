@@ -34,3 +34,9 @@ def test_worker_options_without_workers_are_refused_at_validation(field, value):
 
     with pytest.raises(ConfigError, match="needs num_workers > 0"):
         tiny_config(**{field: value})
+
+
+def test_pin_memory_on_cpu_is_recorded_as_not_applied():
+    from bench.train import train
+
+    assert train(tiny_config(pin_memory=True), seed=0, device=CPU)["pin_memory_applied"] is False

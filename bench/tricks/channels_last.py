@@ -2,8 +2,9 @@
 
 Convolution kernels of oneDNN (CPU) and cuDNN (tensor cores) prefer NHWC; a model in
 channels-last whose inputs stay NCHW would convert at the first convolution and possibly back,
-so both are converted: the weights once in prepare_model, each batch in transform_batch. Later
-layers keep the layout (PyTorch propagates the memory format through conv, BN and activations).
+so both are converted: the weights once in prepare_model, each batch in transform_batch (which
+runs before other tricks' transform_batch; elementwise mixing and interpolation keep the layout).
+Later layers keep it: PyTorch propagates the memory format through conv, BN and activations.
 See the PyTorch tutorial "Channels Last Memory Format".
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ class ChannelsLast(Trick):
         return value
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        # In place on the parameters' data, so a DDP wrapper built earlier keeps the same tensors.
+        # Registered before world_size: DDP lays out its gradient buckets with the parameters'
+        # strides when it is built, so converting afterwards would copy every gradient.
         return model.to(memory_format=torch.channels_last)
 
     def transform_batch(self, batch: Batch) -> Batch:
