@@ -2,9 +2,12 @@
 
 The model is compiled, not the whole step: the step is the loop's Python (optimizer, trick hooks
 such as GradScaler, SAM or EMA, the measurement instrumentation), which must stay composable;
-compiling the model already compiles its forward and, through AOTAutograd, its backward. Must
-be the LAST prepare_model (registered last): it wraps whatever checkpointing and the DDP wrapper
-made of the model (Dynamo's DDPOptimizer splits the graph at DDP's bucket boundaries).
+compiling the model already compiles its forward and, through AOTAutograd, its backward. It is
+the LAST prepare_model (registered last), so it compiles what checkpointing and the other tricks
+made of the model. Under DDP (world_size > 1) it compiles the module INSIDE the wrapper, i.e.
+DDP(compile(model)): torch.compile(DDP(model)) graph-breaks in DDP's forward in torch 2.14 and
+compiled no graph at all here (measured: 3 breaks, 0 graphs). The cost: the compiled backward
+is one autograd node, so DDP all-reduces the gradients after it instead of overlapping.
 
 Compilation is lazy: the first forward and backward of the first warm-up step compile (so
 ``check`` asks for at least one warm-up step) and ``warmup_time_s`` includes it. The row records
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from bench.registry import did_you_mean
 from bench.spec import RunContext, StepFns, Trick
@@ -90,9 +94,13 @@ class Compile(Trick):
         torch._dynamo.reset()
         clear_compilation_metrics()
         counters.clear()
-        self.compiled = torch.compile(model, mode=None if self.value == "default" else self.value)
         self.steps_compiling: list[int] = []
         self._steps = self._records_seen = 0
+        mode = None if self.value == "default" else self.value
+        if isinstance(model, DistributedDataParallel):  # DDP(compile(model)): see the module docstring
+            model.module = self.compiled = torch.compile(model.module, mode=mode)
+            return model
+        self.compiled = torch.compile(model, mode=mode)
         return self.compiled
 
     def setup(self, run: RunContext) -> None:

@@ -163,3 +163,28 @@ def test_compiled_run_end_to_end():
     assert run["flops_per_step"] == eager["flops_per_step"]
     assert run["peak_memory_bytes"] == eager["peak_memory_bytes"]
     assert run["compile_time_s"] < run["warmup_time_s"]
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def test_under_ddp_the_module_inside_the_wrapper_is_compiled(one_rank_group):
+    """torch.compile(DDP(m)) compiles no graph in this torch; DDP(compile(m)) compiles all of it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bench.distributed import unwrap
+
+    plain = mlp()
+    trick, model, opt = compiled(DistributedDataParallel(plain))
+    assert isinstance(model, DistributedDataParallel) and model.module is trick.compiled
+    assert unwrap(model) is plain
+    for _ in range(2):
+        run_step(model, opt, [trick], batch())
+    metrics = trick.metrics()
+    assert metrics["compile_graphs"] == 1 and metrics["compile_graph_breaks"] == 0
