@@ -45,6 +45,8 @@ BAD_INPUTS = [
      "axes.compile[1]", ["is not one of false, default, reduce-overhead, max-autotune", "did you mean 'default'"]),
     ("name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1, warmup_steps: 0}\naxes: {compile: [false, default]}",
      "axes (compile=default)", ["compile needs warmup_steps >= 1"]),
+    ("name: m\n" + GOOD_BASE + "\ndesign: full_factorial\naxes: {compile: [false, default], checkpointing: [false, true]}",
+     "axes (compile=default, checkpointing=True)", ["compile with checkpointing compiles no graph"]),
     ("name: m\n" + GOOD_BASE + "\naxes: {zero_grad: [none, zero]}",
      "axes.zero_grad[1]", ["'zero' is not one of none, zeros"]),
     ("name: m\n" + GOOD_BASE + "\ndesign: factorial\naxes: {ema: [null]}",
