@@ -188,3 +188,11 @@ def test_under_ddp_the_module_inside_the_wrapper_is_compiled(one_rank_group):
         run_step(model, opt, [trick], batch())
     metrics = trick.metrics()
     assert metrics["compile_graphs"] == 1 and metrics["compile_graph_breaks"] == 0
+
+
+def test_reduce_overhead_on_cpu_runs_and_says_no_cuda_graphs():
+    trick, model, opt = compiled(mlp(), "reduce-overhead")
+    for _ in range(2):
+        run_step(model, opt, [trick], batch())
+    metrics = trick.metrics()
+    assert metrics["compile_graphs"] == 1 and metrics["compile_cudagraphs_applied"] is False
