@@ -93,7 +93,10 @@ class TrainConfig:
     lr_schedule: str = "constant"  # bench.schedules.SCHEDULES; stepped once per optimizer step
     lr_warmup_steps: int = 0  # linear warmup before the schedule
     eval_batch_size: int = 512
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes; 0 loads in the training process
+    pin_memory: Optional[bool] = None  # page-locked host batches; None: on when the device is CUDA
+    persistent_workers: bool = False  # keep the workers alive between epochs (needs num_workers > 0)
+    prefetch_factor: Optional[int] = None  # batches each worker loads ahead; None: torch's 2 (needs workers)
     data_dir: str = "data"
     download: bool = False
     image_size: Optional[int] = None
@@ -145,7 +148,8 @@ RUN_SETTINGS = ("time_limit_s", "memory_limit_mb", "data_dir", "download", "laun
 
 RANGES: dict[str, tuple[float, float]] = {  # inclusive bounds of numeric fields
     "batch_size": (1, 10**7), "epochs": (1, 10**6), "steps": (1, 10**9),
-    "eval_batch_size": (1, 10**7), "lr_warmup_steps": (0, 10**9), "num_workers": (0, 64), "image_size": (8, 4096),
+    "eval_batch_size": (1, 10**7), "lr_warmup_steps": (0, 10**9), "num_workers": (0, 64), "prefetch_factor": (1, 1024),
+    "image_size": (8, 4096),
     "num_classes": (2, 100_000), "num_samples": (1, 10**8), "warmup_steps": (0, 10_000),
     "time_limit_s": (1, 366 * 86400), "memory_limit_mb": (1, 2**30), "target_accuracy": (0, 1),
     "lr": (0, 10), "momentum": (0, 1), "weight_decay": (0, 1), "nnodes": (1, 100_000),
@@ -296,10 +300,23 @@ def build_train_config(data: dict[str, Any], file: str, where: str = "",
                           "of the rendezvous) and rdzv_id")
     if launcher.rdzv_endpoint is not None:
         _check_endpoint(launcher.rdzv_endpoint, file, prefix + "launcher.rdzv_endpoint")
+    _check_loader(config, file, prefix)
     if config.lr_schedule == "onecycle" and config.lr_warmup_steps:
         raise ConfigError(file, prefix + "lr_warmup_steps", "must be 0 with lr_schedule onecycle, "
                           "which has its own warmup (the first 30% of steps)")
     return config
+
+
+def _check_loader(config: TrainConfig, file: str, prefix: str) -> None:
+    """Options DataLoader accepts only with worker processes (it raises otherwise, mid-run)."""
+    if config.num_workers:
+        return
+    if config.persistent_workers:
+        raise ConfigError(file, prefix + "persistent_workers", "true needs num_workers > 0 (there are no worker "
+                          "processes to keep alive)")
+    if config.prefetch_factor is not None:
+        raise ConfigError(file, prefix + "prefetch_factor", f"{config.prefetch_factor} needs num_workers > 0 "
+                          "(without workers nothing loads ahead); use null")
 
 
 @dataclass(frozen=True)

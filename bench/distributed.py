@@ -122,8 +122,15 @@ def wrap(model: nn.Module) -> DistributedDataParallel:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (to copy or evaluate: DDP's own forward is collective)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The plain module inside a DDP wrapper (to copy or evaluate: DDP's own forward is collective)
+    and inside torch.compile's wrapper (the compile trick puts it inside or around DDP)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule":  # torch.compile's; importing torch._dynamo is slow
+            model = model._orig_mod
+        else:
+            return model
 
 
 def no_grad_sync(model: nn.Module) -> ContextManager[Any]:

@@ -44,6 +44,9 @@ from bench.spec import Batch, StepFns, Trick
 class MemoryReport:
     peak_memory_bytes: int
     breakdown: dict[str, int]  # CATEGORIES -> bytes live at the peak; sums to peak_memory_bytes
+    # Most activation bytes live at any instant of the step (not necessarily at the peak): shows
+    # forward-time transients, e.g. a ReLU's output beside its input when it is not in place.
+    activations_high_water_bytes: int = 0
 
 
 class _Record:
@@ -64,6 +67,7 @@ class StorageLedger(TorchDispatchMode):
         self.total = 0
         self.peak = 0
         self.at_peak = dict(self.live)
+        self.activations_high_water = 0
         self.forward_depth = 0  # > 0 while some module's forward runs
         self.in_loop = False  # inside the loop's own forward/backward or optimizer step
         self._records: dict[int, _Record] = {}  # id(storage) -> record; ids are unique while alive
@@ -91,6 +95,7 @@ class StorageLedger(TorchDispatchMode):
     def _new(self, storage: torch.UntypedStorage, category: str) -> None:
         self._record(storage, category)
         self._check_peak()
+        self.activations_high_water = max(self.activations_high_water, self.live["activations"])
 
     def _record(self, storage: torch.UntypedStorage, category: str) -> _Record:
         record = _Record(storage.nbytes(), category)
@@ -170,7 +175,7 @@ class StorageLedger(TorchDispatchMode):
         self._records.clear()
 
     def report(self) -> MemoryReport:
-        return MemoryReport(self.peak, dict(self.at_peak))
+        return MemoryReport(self.peak, dict(self.at_peak), self.activations_high_water)
 
 
 def tensors_held_by(root: Any) -> Iterator[torch.Tensor]:

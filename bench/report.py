@@ -154,6 +154,19 @@ def cell_row(s: Row) -> list[str]:
             "ref" if ref else fmt_interval(change, "", 1, excludes(change[1], change[2], 0.0), signed=True)]
 
 
+# Axes that act on the input pipeline: their effect is the time the step waits for data, so the
+# tables where they vary show the data-stall fraction too.
+INPUT_PIPELINE_AXES = frozenset({"num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "augment"})
+STALL_HEADER = "data stall (%)"
+
+
+def cell_table(stats: list[Row], with_stall: bool) -> str:
+    """The cells' table; with ``with_stall`` also the mean share of timed wall time spent in ``next(loader)``."""
+    if not with_stall:
+        return md_table(CELL_HEADERS, [cell_row(s) for s in stats])
+    return md_table(CELL_HEADERS + [STALL_HEADER], [cell_row(s) + [fmt(100 * s["data_stall"], 1)] for s in stats])
+
+
 def one_at_a_time_section(stats: list[Row]) -> list[str]:
     """One table per axis: the baseline and the cells that change that axis; any cell left over after."""
     lines, shown = [], {0}
@@ -162,17 +175,19 @@ def one_at_a_time_section(stats: list[Row]) -> list[str]:
         members = [i for i, s in enumerate(stats) if i and axis_key(s["axes"].get(axis)) != axis_key(base.get(axis))]
         if members:
             shown.update(members)
-            lines += [f"### {axis}", "", md_table(CELL_HEADERS, [cell_row(stats[i]) for i in [0, *members]]), ""]
+            table = cell_table([stats[i] for i in [0, *members]], axis in INPUT_PIPELINE_AXES)
+            lines += [f"### {axis}", "", table, ""]
     rest = [0] + [i for i in range(len(stats)) if i not in shown]
     if len(rest) > 1 or len(stats) == 1:
-        lines += ["### Other cells", "", md_table(CELL_HEADERS, [cell_row(stats[i]) for i in rest]), ""]
+        with_stall = bool(INPUT_PIPELINE_AXES & set(axis_values(stats)))
+        lines += ["### Other cells", "", cell_table([stats[i] for i in rest], with_stall), ""]
     return lines
 
 
 def factorial_section(stats: list[Row]) -> list[str]:
     """All cells, then main effects per axis value and a speedup pivot for every pair of axes."""
     values = axis_values(stats)
-    lines = ["### All cells", "", md_table(CELL_HEADERS, [cell_row(s) for s in stats]), "",
+    lines = ["### All cells", "", cell_table(stats, bool(INPUT_PIPELINE_AXES & set(values))), "",
              "### Main effects", "", "Each value's mean over all cells that have it (the other axes averaged "
              "out); ratios are against the baseline's value of the same axis.", ""]
     for axis, options in values.items():

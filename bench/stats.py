@@ -261,6 +261,7 @@ def cell_stats(cell: Row, base: Row) -> Row:
         "throughput": summarize(throughput), "accuracy": summarize(accuracy),
         "step_ms": geometric_mean(run_steps),
         "peak_mib": mean_or_nan(peak), "loss": mean_or_nan(_values(ok, "final_train_loss")),
+        "data_stall": mean_or_nan(_values(ok, "data_stall_fraction")),
         "breakdown": {c: mean_or_nan(b.get(c) for b in breakdowns) / MIB for c in MEMORY_COMPONENTS},
         "speedup": compare_runs(_values(base_ok, "throughput_samples_per_s"), throughput),
         "memory_ratio": mean_or_nan(peak) / base_peak if base_peak else math.nan,

@@ -174,9 +174,11 @@ class Run:
         """
         sampler = DistributedSampler(self.splits.train, num_replicas=distributed.world_size(),
                                      rank=distributed.rank(), shuffle=True, seed=seed, drop_last=True)
-        loader = DataLoader(self.splits.train, batch_size=self.config.per_rank_batch_size, sampler=sampler,
-                            drop_last=True, num_workers=self.config.num_workers,
-                            pin_memory=self.device.type == "cuda")
+        config = self.config
+        pin = self.device.type == "cuda" if config.pin_memory is None else config.pin_memory
+        loader = DataLoader(self.splits.train, batch_size=config.per_rank_batch_size, sampler=sampler,
+                            drop_last=True, num_workers=config.num_workers, pin_memory=pin,
+                            persistent_workers=config.persistent_workers, prefetch_factor=config.prefetch_factor)
         if len(loader) == 0:
             raise ValueError(f"per-rank batch size {self.config.per_rank_batch_size} exceeds the {len(sampler)} "
                              f"training samples of each of {distributed.world_size()} ranks")
@@ -239,13 +241,16 @@ def memory_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
     cuda = run.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
-    # Freed first thing in the step anyway; so every gradient of the peak is allocated in it.
-    run.optimizer.zero_grad(set_to_none=True)
+    # What the step's own zero_grad does first thing anyway, done before tracking starts: freed
+    # gradients (the default) are then all allocated in the step; gradients kept and zeroed in
+    # place (zero_grad: zeros, accumulation tricks that keep them) are live all through it.
+    run.optimizer.zero_grad(set_to_none=all(trick.release_gradients() for trick in run.tricks))
     with track_step_memory(run.model, run.optimizer, run.tricks, batch, run.device) as ledger:
         loss = run.step(batch, instrument=ledger.instrument)
     synchronize(run.device)
     report = ledger.report()
-    metrics: dict[str, Any] = {"peak_memory_bytes": report.peak_memory_bytes, "memory_breakdown": report.breakdown}
+    metrics: dict[str, Any] = {"peak_memory_bytes": report.peak_memory_bytes, "memory_breakdown": report.breakdown,
+                               "activations_high_water_bytes": report.activations_high_water_bytes}
     if cuda:
         allocated = torch.cuda.max_memory_allocated(run.device)
         metrics.update(cuda_max_allocated_bytes=allocated,
@@ -317,6 +322,8 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         mfu=achieved_tflops / peak,
         peak_rss_bytes=peak_rss_bytes(),
         time_to_target_s=recorder.time_to_target_s(config.target_accuracy),
+        # DataLoader pins only for an accelerator; on CPU pin_memory: true is recorded as not applied.
+        pin_memory_applied=loader.pin_memory and device.type == "cuda",
         **every_rank_memory(memory),
     )
     for trick in run.tricks:

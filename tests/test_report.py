@@ -281,3 +281,22 @@ def test_step_time_figure_is_the_same_when_rebuilt(tmp_path):
     stats = all_cell_stats(toy_rows())
     assert plot_step_times(stats, tmp_path / "a.png") and plot_step_times(stats, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_data_stall_column_where_an_input_pipeline_axis_varies(tmp_path, no_figures):
+    """num_workers varies: its table shows each cell's mean data-stall fraction; precision's does not."""
+    base = {**BASE, "num_workers": 0}
+    workers, bf16 = {**base, "num_workers": 2}, {**base, "precision": "bf16"}
+    rows = []
+    for seed in range(3):
+        rows += [dict(ok_row("base", base, seed, 100, 100, 0.9, 10.0), data_stall_fraction=0.4 + 0.1 * seed),
+                 dict(ok_row("w2", workers, seed, 150, 100, 0.9, 7.0), data_stall_fraction=0.02),
+                 ok_row("bf16", bf16, seed, 200, 50, 0.9, 5.0)]
+    rows[-1].pop("data_stall_fraction")  # an old row without the field: no value, not a zero
+    text = build_report(write_rows(tmp_path / "pipe", rows)).read_text()
+    sections = text.split("### ")
+    workers_table = next(s for s in sections if s.startswith("num_workers"))
+    precision_table = next(s for s in sections if s.startswith("precision"))
+    assert "data stall (%)" in workers_table and "data stall (%)" not in precision_table
+    assert table_line(workers_table, "**baseline**").endswith("| 50.0 |")  # mean of 40, 50, 60 %
+    assert table_line(workers_table, "num_workers=2").endswith("| 2.0 |")

@@ -35,6 +35,12 @@ SMOKE_VALUES: dict[str, list] = {
     "cutmix": [1.0],
     "input_grad_penalty": [0.01],
     "progressive_resizing": [{"start": 0.5, "end": 1.0, "until": 0.75}],
+    "channels_last": [True],
+    "inplace_activations": [False],
+    "optimizer_impl": ["for_loop", "foreach", "fused"],
+    "zero_grad": ["zeros"],
+    "cudnn_benchmark": [True],
+    "compile": ["default"],
 }
 # Tricks that need another model than tiny_cnn (check() rejects it).
 SMOKE_MODELS = {"zero_init_residual": "resnet18_cifar", "stochastic_depth": "resnet18_cifar", "attention": "vit_tiny"}

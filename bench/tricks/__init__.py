@@ -12,14 +12,19 @@ def register(cls: type[Trick]) -> type[Trick]:
 
 # Registration happens on import; the order here is the order hooks run in, which matters where
 # two tricks use the same hook:
-# - prepare_model: change the model's structure (attention, residual blocks) before checkpointing
-#   wraps its blocks and before the DDP wrapper in world_size;
+# - prepare_model: channels_last converts the weights before world_size's DDP wrapper builds its
+#   gradient buckets from the parameters' strides; the model's structure (attention, residual
+#   blocks) changes before checkpointing wraps its blocks and before DDP; compile comes last, as
+#   it wraps whatever the others made of the model;
 # - transform_batch: resize before mixing (CutMix's box area is then exact at the trained size);
+#   both keep a channels_last batch channels_last (checked);
 # - process_gradients: clip before centralizing (centralizing only lowers the norm);
 # - wrap_step: precision's GradScaler innermost, SAM around it.
 from bench.tricks import (  # noqa: E402,F401
+    channels_last,
     attention,
     residual,
+    inplace_activations,
     accumulation,
     checkpointing,
     precision,
@@ -34,5 +39,9 @@ from bench.tricks import (  # noqa: E402,F401
     grad_centralization,
     lookahead,
     no_decay_bn_bias,
+    optimizer_impl,
+    zero_grad,
+    cudnn_benchmark,
     augment,
+    torch_compile,
 )

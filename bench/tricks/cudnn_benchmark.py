@@ -1,0 +1,37 @@
+"""cuDNN autotuning: ``torch.backends.cudnn.benchmark``.
+
+With it, the first convolution of each new input shape tries cuDNN's algorithms and keeps the
+fastest (the warm-up steps absorb that cost); without it cuDNN picks by heuristics. It applies
+only to CUDA: on other devices the value is accepted and the row says
+``cudnn_benchmark_applied: false``, so a CPU row never reads as if it had been tuned.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.spec import RunContext, Trick
+from bench.tricks import register
+
+
+@register
+class CudnnBenchmark(Trick):
+    name = "cudnn_benchmark"
+    description = "torch.backends.cudnn.benchmark (CUDA only; recorded as not applied elsewhere)"
+    values_help = "false | true"
+    default = False
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not one of false, true")
+        return value
+
+    def setup(self, run: RunContext) -> None:
+        self.applied = run.device.type == "cuda"
+        if self.applied:
+            torch.backends.cudnn.benchmark = self.value
+
+    def metrics(self) -> dict[str, Any]:
+        return {"cudnn_benchmark_applied": self.applied}
