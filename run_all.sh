@@ -35,6 +35,9 @@ for matrix in ablations/*.yaml; do
   "$PY" -m bench run "$matrix" ${profile:+--profile "$profile"} || status=$?
 done
 
+# Memory vs sequence length of the three attention kernels (vit_tiny): a figure, not a matrix.
+"$PY" -m bench attention-memory --out results/attention || status=$?
+
 for dir in results/*/; do
   [ -f "$dir/cells.jsonl" ] && "$PY" -m bench report "$dir"
 done
