@@ -94,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                              max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
-    devices = local_devices(args, matrix)
+    # Local placement only; a cluster executor's tasks each get their own node's GPUs.
+    devices = local_devices(args, matrix) if args.executor == "sequential" else None
     settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs = matrix.runs()
     print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds = {len(runs)} runs "
           f"({matrix.design}) on {matrix.cells[0].config.device} -> {out_dir}")
-    if len(devices.gpus) > 1 or devices.cpu_slots > 1:
+    if devices and (len(devices.gpus) > 1 or devices.cpu_slots > 1):
         print("side by side: " + (f"one run per GPU on cuda:{','.join(map(str, devices.gpus))}"
                                     if devices.gpus else "")
               + (f"{'; ' if devices.gpus else ''}up to {devices.cpu_slots} CPU runs at once (shared timing: "
@@ -167,6 +168,9 @@ def cluster_settings(args: argparse.Namespace, matrix):
         if args.slurm or args.wait:
             raise ConfigError("arguments", "--slurm/--wait", "apply to --executor slurm or local only")
         return None
+    if args.devices is not None or args.parallel > 1 or args.shared_timing:
+        raise ConfigError("arguments", "--devices/--parallel/--shared-timing", "place runs on this machine "
+                          "(the default sequential executor); with --executor the scheduler places them")
     from bench.cluster import check_fits, settings_for
 
     settings = settings_for(matrix, args.slurm)

@@ -52,6 +52,14 @@ def test_slurm_section_is_validated_like_the_rest(write_matrix, tmp_path, capsys
             load_matrix(write_matrix(TINY_MATRIX + f"slurm: {{{bad}}}\n"))
 
 
+def test_local_placement_options_are_refused_with_a_cluster_executor(write_matrix, tmp_path, capsys):
+    out = tmp_path / "out"
+    for extra in (["--parallel", "2", "--shared-timing"], ["--devices", "0"]):
+        assert main(["run", str(write_matrix(TINY_MATRIX)), "--out", str(out), "--executor", "local", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "with --executor the scheduler places them" in err and not out.exists()
+
+
 def test_command_line_overrides_merge_and_are_validated(write_matrix):
     matrix = load_matrix(write_matrix(TINY_MATRIX + "slurm: {partition: gpu, sbatch: {account: a}}\n"))
     settings = cluster.settings_for(matrix, ["time_limit_min=30", "sbatch.qos=high"])
