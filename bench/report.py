@@ -413,6 +413,53 @@ def refuse_linked_figures(folder: Path) -> None:
             refuse_link(Path(entry.path))
 
 
+def speed_call(s: Row) -> str:
+    """The cell's speed call in words: faster/slower beyond noise, within noise, or no call."""
+    call = s["step_verdict"]
+    if timing_shared(s):
+        return "speed not compared (shared timing)"
+    if call.too_few:
+        return f"speed: {too_few_note(call.n_base, call.n_cell)}"
+    step = (f"step {'slower' if call.ratio > 1 else 'faster'} ({fmt_ratio(call.ratio)})" if call.significant
+            else "step time within noise")
+    # Throughput also counts the wait for data, which the step time leaves out: input-pipeline
+    # tricks show there. Its interval is reported, not a second call.
+    speedup = s["speedup"]
+    if math.isfinite(speedup.low) and not excludes(speedup.low, speedup.high, 1.0):
+        return f"{step}; throughput within noise ({fmt_ratio(speedup.ratio)})"
+    return f"{step}; throughput {fmt_speedup(speedup)}" if math.isfinite(speedup.ratio) else step
+
+
+def accuracy_call(s: Row) -> Optional[str]:
+    """Δ top-1 in words, or None when the runs have no accuracy."""
+    change, low, high = s["accuracy_change"]
+    if not math.isfinite(change):
+        return None
+    if excludes(low, high, 0.0):
+        return f"top-1 {'better' if change > 0 else 'worse'} by {abs(change):.1f} pts [{low:+.1f}, {high:+.1f}]"
+    return f"top-1 within seed noise ({change:+.1f} pts, interval [{low:+.1f}, {high:+.1f}])"
+
+
+def noise_section(stats: list[Row]) -> list[str]:
+    """Per cell, in one line: which of its effects are beyond run-to-run (seed) noise and which are not.
+    Memory is deterministic for a fixed config, so its ratio is stated without a test (≥ 1% counts)."""
+    lines = []
+    for s in stats:
+        if s["is_base"] or not s["n_ok"]:
+            continue
+        memory = s["memory_ratio"]
+        parts = [speed_call(s),
+                 f"peak memory {fmt_ratio(memory)}" if math.isfinite(memory) and abs(memory - 1) >= 0.01
+                 else "peak memory unchanged", accuracy_call(s)]
+        lines.append(f"- {s['label']}: " + "; ".join(p for p in parts if p))
+    if not lines:
+        return []
+    return ["## Beyond seed noise?", "",
+            "Each cell against the baseline, with the tests of the tables above: step time, the `*` call; "
+            "throughput (which also counts the wait for data), whether its 95% interval excludes 1; top-1, "
+            "whether its 95% interval excludes 0.", "", *lines, ""]
+
+
 def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: list[str],
                   design: Optional[str] = None, others: Optional[dict[str, list[Row]]] = None,
                   baseline_cell_id: Optional[str] = None) -> str:
@@ -438,6 +485,7 @@ def render_report(rows: list[Row], stats: list[Row], figures: list[str], notes: 
               *unstable_note(stats)]
     lines += one_at_a_time_section(stats) if design == "one_at_a_time" else factorial_section(stats)
     lines += scaling_section(stats)
+    lines += noise_section(stats)
     lines += other_machines_section(others, baseline_cell_id or stats[0]["cell_id"], design)
     labels = {s["cell_id"]: s["label"] for s in stats}
     lines += ["## Runs under competing load", "", *load_section(rows, labels), ""]

@@ -300,3 +300,15 @@ def test_data_stall_column_where_an_input_pipeline_axis_varies(tmp_path, no_figu
     assert "data stall (%)" in workers_table and "data stall (%)" not in precision_table
     assert table_line(workers_table, "**baseline**").endswith("| 50.0 |")  # mean of 40, 50, 60 %
     assert table_line(workers_table, "num_workers=2").endswith("| 2.0 |")
+
+
+def test_beyond_noise_section_says_what_is_and_is_not_beyond_seed_noise(built):
+    _, text = built
+    section = text.split("## Beyond seed noise?")[1].split("\n## ")[0]
+    bf16 = next(line for line in section.splitlines() if line.startswith('- precision="bf16"'))
+    # Step time halved past both gates; memory is deterministic; +2.0 pts with n=3 per side and a
+    # per-run spread of 1 pt: Welch's interval is 2.0 ± 2.3, so it includes 0.
+    assert "step faster (0.50×); throughput 2.00× [" in bf16 and "peak memory 0.50×" in bf16
+    assert "top-1 within seed noise (+2.0 pts" in bf16
+    ckpt = next(line for line in section.splitlines() if line.startswith("- checkpointing=true"))
+    assert "too few runs to call" in ckpt and "peak memory 0.40×" in ckpt
