@@ -285,6 +285,10 @@ def test_preempted_task_is_requeued_and_finishes(write_matrix, tmp_path):
     controller = job._process.pid
     task = int(Path(f"/proc/{controller}/task/{controller}/children").read_text().split()[0])
     os.kill(task, signal.SIGUSR2)
+    # The requeued task's row, then the job's end: done() alone can turn true between the first
+    # attempt's exit and the requeued start on a loaded machine.
+    assert wait_for(lambda: cluster.read_run_file(cluster.run_file(tmp_path, cell.cell_id, 0)) is not None,
+                    timeout_s=300)
     assert wait_for(lambda: job.done(), timeout_s=300)
     log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
     assert "Calling checkpoint method" in log and "Requeued job" in log, log

@@ -30,6 +30,9 @@ PARTNERS = {
     "world_size=2": {"world_size": 2},
 }
 SLOW_PARTNERS = {"world_size=2"}
+# A cold torch.compile per case (~25 s here): its combinations run with the slow tests; its smoke
+# case and tests/tricks/test_compile.py still run by default.
+SLOW_TRICKS = {"compile"}
 # The cheapest run that every check accepts: 6 steps of tiny_cnn on 8x8 noise. A trick that needs
 # another model (residual blocks, attention) gets the smoke test's model for it.
 BASE = {"model": "tiny_cnn", "dataset": "synthetic", "num_samples": 64, "image_size": 8, "batch_size": 16,
@@ -45,7 +48,7 @@ def cases() -> list:
             for partner, values in PARTNERS.items():
                 if name in values:  # the same key twice: not a combination
                     continue
-                marks = [pytest.mark.slow] if partner in SLOW_PARTNERS else []
+                marks = [pytest.mark.slow] if partner in SLOW_PARTNERS or name in SLOW_TRICKS else []
                 params.append(pytest.param(name, value, partner, id=f"{name}={value}+{partner}", marks=marks))
     return params
 
