@@ -168,3 +168,15 @@ class Trick:
         names must not collide with the loop's own metrics."""
         return {}
 
+
+class Switch(Trick):
+    """A trick turned on by ``true``: off by default, its YAML value a boolean."""
+
+    values_help = "false | true"
+    default = False
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not one of false, true")
+        return value

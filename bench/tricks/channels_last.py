@@ -9,12 +9,10 @@ See the PyTorch tutorial "Channels Last Memory Format".
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from bench.spec import Batch, Trick
+from bench.spec import Batch, Switch
 from bench.tricks import register
 
 
@@ -24,17 +22,9 @@ def to_channels_last(inputs: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class ChannelsLast(Trick):
+class ChannelsLast(Switch):
     name = "channels_last"
     description = "model weights and input batches in torch.channels_last (NHWC) memory layout"
-    values_help = "false | true"
-    default = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not one of false, true")
-        return value
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         # Registered before world_size: DDP lays out its gradient buckets with the parameters'

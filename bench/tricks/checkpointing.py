@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bench.batchnorm import frozen_running_stats
-from bench.spec import Trick
+from bench.spec import Switch
 from bench.tricks import register
 
 
@@ -69,17 +69,9 @@ def apply_checkpointing(model: nn.Module) -> nn.Module:
 
 
 @register
-class Checkpointing(Trick):
+class Checkpointing(Switch):
     name = "checkpointing"
     description = "activation checkpointing of every block/stage (torch.utils.checkpoint)"
-    values_help = "false | true"
-    default = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not one of false, true")
-        return value
 
     @classmethod
     def check(cls, value: Any, config: Any) -> None:

@@ -11,22 +11,14 @@ from typing import Any
 
 import torch
 
-from bench.spec import RunContext, Trick
+from bench.spec import RunContext, Switch
 from bench.tricks import register
 
 
 @register
-class CudnnBenchmark(Trick):
+class CudnnBenchmark(Switch):
     name = "cudnn_benchmark"
     description = "torch.backends.cudnn.benchmark (CUDA only; recorded as not applied elsewhere)"
-    values_help = "false | true"
-    default = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not one of false, true")
-        return value
 
     def setup(self, run: RunContext) -> None:
         self.applied = run.device.type == "cuda"

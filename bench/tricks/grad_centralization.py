@@ -9,11 +9,9 @@ added by the optimizer afterwards and is not centralized.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from bench.spec import RunContext, Trick
+from bench.spec import RunContext, Switch
 from bench.tricks import register
 
 
@@ -26,17 +24,9 @@ def centralize_gradients(params: list[torch.Tensor]) -> None:
 
 
 @register
-class GradCentralization(Trick):
+class GradCentralization(Switch):
     name = "grad_centralization"
     description = "subtract each conv/linear weight gradient's per-output-channel mean before the update"
-    values_help = "false | true"
-    default = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not one of false, true")
-        return value
 
     def setup(self, run: RunContext) -> None:
         self.weights = [p for p in run.model.parameters() if p.requires_grad and p.ndim > 1]

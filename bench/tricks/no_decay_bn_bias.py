@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from bench.spec import Trick
+from bench.spec import Switch
 from bench.tricks import register
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
@@ -41,17 +41,9 @@ def split_decay(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str
 
 
 @register
-class NoDecayBnBias(Trick):
+class NoDecayBnBias(Switch):
     name = "no_decay_bn_bias"
     description = "weight decay 0 for normalization-layer parameters and biases"
-    values_help = "false | true"
-    default = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not one of false, true")
-        return value
 
     @classmethod
     def advise(cls, value: Any, config: Any, total_steps: int) -> str | None:

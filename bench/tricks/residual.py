@@ -27,7 +27,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
 from bench.distributed import unwrap
-from bench.spec import Trick
+from bench.spec import Switch, Trick
 from bench.tricks import register
 
 RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
@@ -59,12 +59,6 @@ def require_residual_blocks(trick: str, config: Any) -> None:
                          f"resnet18_cifar, resnet50); model {config.model!r} has none")
 
 
-def parse_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not one of false, true")
-    return value
-
-
 @torch.no_grad()
 def zero_init_residual(model: nn.Module) -> nn.Module:
     """γ = 0 in the last BatchNorm of every residual block, in place."""
@@ -88,15 +82,10 @@ def add_stochastic_depth(model: nn.Module, p: float) -> nn.Module:
 
 
 @register
-class ZeroInitResidual(Trick):
+class ZeroInitResidual(Switch):
     name = "zero_init_residual"
     description = "ResNets: last BatchNorm gamma of each residual block initialised to 0"
     values_help = "false | true (models with residual blocks only)"
-    default = False
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        return parse_bool(value)
 
     @classmethod
     def check(cls, value: Any, config: Any) -> None:
