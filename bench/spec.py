@@ -34,6 +34,8 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 from torch import nn
 
+from bench.registry import did_you_mean
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 # (logits, targets) -> mean loss; targets are class indices or class probabilities (mixup).
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -179,4 +181,16 @@ class Switch(Trick):
     def parse(cls, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{value!r} is not one of false, true")
+        return value
+
+
+class Choice(Trick):
+    """A trick whose YAML value is one of a few names, ``choices`` (the first is usually off)."""
+
+    choices: ClassVar[list[str]]
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        if value not in cls.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(cls.choices)}{did_you_mean(value, cls.choices)}")
         return value

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.registry import did_you_mean
-from bench.spec import Trick
+from bench.spec import Choice
 from bench.tricks import register
 
 OPTIONS: dict[str, dict[str, bool]] = {
@@ -27,18 +26,13 @@ def fused_devices() -> list[str]:
 
 
 @register
-class OptimizerImpl(Trick):
+class OptimizerImpl(Choice):
     name = "optimizer_impl"
     description = "torch.optim implementation: per-parameter loop, foreach (multi-tensor) or fused kernel"
     values_help = "default | for_loop | foreach | fused"
     default = "default"
 
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if value not in OPTIONS:
-            allowed = list(OPTIONS)
-            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
-        return value
+    choices = list(OPTIONS)
 
     @classmethod
     def check(cls, value: Any, config: Any) -> None:

@@ -12,8 +12,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from bench.registry import did_you_mean
-from bench.spec import RunContext, StepFns, Trick
+from bench.spec import Choice, RunContext, StepFns
 from bench.tricks import register
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -26,18 +25,12 @@ def set_tf32(enabled: bool) -> None:
 
 
 @register
-class Precision(Trick):
+class Precision(Choice):
     name = "precision"
     description = "numeric precision: fp32, tf32, fp16 autocast + GradScaler, bf16 autocast"
     values_help = "fp32 | tf32 | fp16 | bf16"
     default = "fp32"
-    allowed = ["fp32", "tf32", "fp16", "bf16"]
-
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if value not in cls.allowed:
-            raise ValueError(f"{value!r} is not one of {', '.join(cls.allowed)}{did_you_mean(value, cls.allowed)}")
-        return value
+    choices = ["fp32", "tf32", "fp16", "bf16"]
 
     @classmethod
     def is_active(cls, value: Any) -> bool:

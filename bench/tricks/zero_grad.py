@@ -8,24 +8,18 @@ difference: with ``zeros`` the gradients are live from the start of the step.
 """
 from __future__ import annotations
 
-from typing import Any
-
-from bench.spec import Trick
+from bench.spec import Choice
 from bench.tricks import register
 
 
 @register
-class ZeroGrad(Trick):
+class ZeroGrad(Choice):
     name = "zero_grad"
     description = "clear gradients by freeing them (none: set_to_none) or zeroing them in place (zeros)"
     values_help = "none | zeros"
     default = "none"
 
-    @classmethod
-    def parse(cls, value: Any) -> Any:
-        if value not in ("none", "zeros"):
-            raise ValueError(f"{value!r} is not one of none, zeros")
-        return value
+    choices = ["none", "zeros"]
 
     def release_gradients(self) -> bool:
         return self.value == "none"

@@ -113,7 +113,7 @@ def test_fp32_is_always_active():
 
 
 def test_parse():
-    for value in Precision.allowed:
+    for value in Precision.choices:
         assert Precision.parse(value) == value
     with pytest.raises(ValueError) as err:
         Precision.parse("bf17")
