@@ -1,4 +1,4 @@
-"""A stand-in for bench.worker that trains nothing: writes an ok row in milliseconds, or a failed
+"""A stand-in for bench.training.worker that trains nothing: writes an ok row in milliseconds, or a failed
 one for the cells listed in $FAKE_WORKER_FAIL (comma-separated cell ids). For runner tests
 about rows, resume and exit codes, where what a run measures does not matter.
 $FAKE_WORKER_SLEEP_S keeps each run alive that long, so that runs overlap when the runner starts
@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from bench.results import RunRecord, write_atomic
+from bench.store.results import RunRecord, write_atomic
 
 
 def main(job_path: str) -> None:

@@ -1,10 +1,10 @@
-"""bench.aa: how the A/A check splits runs, its binomial interval, and old vs new marks on synthetic runs."""
+"""bench.regression.aa: how the A/A check splits runs, its binomial interval, and old vs new marks on synthetic runs."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bench.aa import analyse, disjoint_splits, format_result, jackknife_se, judge, random_splits, rate
+from bench.regression.aa import analyse, disjoint_splits, format_result, jackknife_se, judge, random_splits, rate
 
 
 def test_disjoint_splits_interleave_like_the_runner_and_reuse_no_run():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import bench
-from bench import ab
-from bench.compare import BadInput
+from bench.regression import ab
+from bench.regression.compare import BadInput
 
 MATRIX = """
 name: ab

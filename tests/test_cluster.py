@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cluster, submit
-from bench.cli import main
-from bench.config import ConfigError, load_matrix
-from bench.results import read_rows
+from bench.execution import cluster, submit
+from bench.cli.main import main
+from bench.config.matrix import ConfigError, load_matrix
+from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 
 pytest.importorskip("submitit")
@@ -256,7 +256,7 @@ def test_local_executor_killed_then_resubmitted_matches_sequential_runner(write_
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert len(list((out / "runs").glob("*.json"))) == 1  # the task in flight wrote nothing
-    assert subprocess.run(["pgrep", "-f", f"bench.worker {work}"], capture_output=True).stdout == b""
+    assert subprocess.run(["pgrep", "-f", f"bench.training.worker {work}"], capture_output=True).stdout == b""
 
     assert main(["run", str(path), "--out", str(out), "--executor", "local"]) == 0
     assert "resuming: 1 of 4 runs" in capsys.readouterr().out

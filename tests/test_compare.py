@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from bench import compare as cmp
-from bench.baseline import baseline_document, updated_document
-from bench.cli import main
+from bench.regression import compare as cmp
+from bench.regression.baseline import baseline_document, updated_document
+from bench.cli.main import main
 
 ENV = {"torch": "2.14.1", "device": "cpu", "device_name": "CPU A", "cpu_model": "CPU A",
        "cpu_capability": "AVX2", "cpu_cores": 2, "torch_threads": 2}
@@ -253,8 +253,8 @@ def test_check_against_a_baseline_of_another_torch_says_re_record_and_exits_2(tm
 
 
 def test_baseline_file_is_never_written_through_a_link(tmp_path):
-    from bench.baseline import write_baseline
-    from bench.results import StoreError
+    from bench.regression.baseline import write_baseline
+    from bench.store.results import StoreError
 
     target = tmp_path / "elsewhere.json"
     target.write_text("keep")

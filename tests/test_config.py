@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench.config import ConfigError, TrainConfig, load_matrix
+from bench.config.matrix import ConfigError, TrainConfig, load_matrix
 from tests.conftest import TINY_MATRIX
 
 GOOD_BASE = "base: {model: tiny_cnn, dataset: digits, epochs: 1}"
@@ -162,7 +162,7 @@ axes:
 
 def test_axis_over_a_nested_field_merges_into_the_base(write_matrix):
     """The defect: each axis value replaced the whole optimizer (SGD, weight decay 0)."""
-    from bench.train import build_optimizer
+    from bench.training.train import build_optimizer
 
     cells = load_matrix(write_matrix(NESTED)).cells
     assert [c.config.to_dict()["optimizer"] for c in cells] == [
@@ -200,7 +200,7 @@ def test_option_of_another_optimizer_is_dropped_with_a_warning(write_matrix):
 
 
 def test_warnings_go_to_stderr_once_and_the_run_goes_on(write_matrix, capsys, tmp_path):
-    from bench.cli import main
+    from bench.cli.main import main
 
     path = write_matrix("name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1, optimizer: {name: adamw,"
                         " momentum: 0.9}}\naxes: {ema: [null, 0.999, {decay: 0.999, warmup: true}]}\n")
@@ -215,20 +215,20 @@ def test_warnings_go_to_stderr_once_and_the_run_goes_on(write_matrix, capsys, tm
 
 
 def test_max_cells_counts_before_expanding_and_yes_lifts_it(write_matrix, capsys, monkeypatch):
-    import bench.cli
+    import bench.cli.main
 
     path = write_matrix("name: m\nbase: {model: tiny_cnn, dataset: digits, epochs: 1}\ndesign: full_factorial\n"
                         "axes: {ema: [null, 0.9], accumulation: [1, 2]}\n")
     with pytest.raises(ConfigError, match="makes 4 cells, more than 3"):
         load_matrix(path, max_cells=3)
-    monkeypatch.setattr(bench.cli, "MAX_CELLS", 3)
-    assert bench.cli.main(["run", str(path), "--dry-run"]) == 2
-    assert bench.cli.main(["run", str(path), "--dry-run", "--yes"]) == 0
+    monkeypatch.setattr(bench.cli.main, "MAX_CELLS", 3)
+    assert bench.cli.main.main(["run", str(path), "--dry-run"]) == 2
+    assert bench.cli.main.main(["run", str(path), "--dry-run", "--yes"]) == 0
     assert "4 cells x 1 seeds" in capsys.readouterr().out
 
 
 def test_minimum_run_length_is_one_named_rule(write_matrix):
-    from bench.config import MEASUREMENT_STEPS, min_total_steps
+    from bench.config.matrix import MEASUREMENT_STEPS, min_total_steps
 
     assert min_total_steps(3) == 3 + MEASUREMENT_STEPS + 1
     fits = TINY_MATRIX.replace("steps: 6", f"steps: {min_total_steps(1)}")
@@ -240,7 +240,7 @@ def test_minimum_run_length_is_one_named_rule(write_matrix):
 @pytest.mark.parametrize("dataset,extra", [("digits", {}), ("synthetic", {"num_samples": 100, "num_classes": 7}),
                                            ("digits", {"image_size": 12})])
 def test_dataset_facts_match_the_built_dataset(dataset, extra):
-    from bench.data import build_dataset, dataset_facts
+    from bench.parts.data import build_dataset, dataset_facts
 
     config = TrainConfig.from_dict({"dataset": dataset, "epochs": 1, **extra})
     facts, splits = dataset_facts(config), build_dataset(config)
@@ -251,8 +251,8 @@ def test_dataset_facts_match_the_built_dataset(dataset, extra):
 def test_model_input_check_accepts_what_trains_and_refuses_what_cannot(write_matrix):
     """resnet18 (ImageNet stem) at 32x32 works; alexnet at 32x32 does not (its feature map shrinks
     to nothing): decided by a forward on the meta device, the same verdict as a real forward."""
-    from bench.feasibility import _meta_forward
-    from bench.models import build_model
+    from bench.training.feasibility import _meta_forward
+    from bench.parts.models import build_model
 
     assert _meta_forward("resnet18", 10, (3, 32, 32), 4) is None
     assert "too small" in _meta_forward("alexnet", 10, (3, 32, 32), 4)

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import datasets as tvd
 
-from bench.data import CIFAR10_STATS, DATASETS, DatasetSplits, build_dataset
+from bench.parts.data import CIFAR10_STATS, DATASETS, DatasetSplits, build_dataset
 
 
 def cfg(dataset: str, **kw) -> SimpleNamespace:

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.cli import main
-from bench.config import ConfigError, build_train_config, load_matrix
-from bench.distributed import threads_per_rank, unwrap
-from bench.memory import track_step_memory
-from bench.results import read_rows
-from bench.runner import WORKER, worker_command
-from bench.spec import RunContext, Trick
-from bench.train import build_tricks, run_step
+from bench.cli.main import main
+from bench.config.matrix import ConfigError, build_train_config, load_matrix
+from bench.parts.distributed import threads_per_rank, unwrap
+from bench.training.memory import track_step_memory
+from bench.store.results import read_rows
+from bench.execution.runner import WORKER, worker_command
+from bench.tricks.spec import RunContext, Trick
+from bench.training.train import build_tricks, run_step
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -290,9 +290,9 @@ def test_launch_commands():
 
     assert worker_command(config(), Path("j.json"), "c-0") == ([*WORKER, "j.json"], None)
     command, env = worker_command(config(world_size=2), Path("j.json"), "c-0")
-    assert command[3:] == ["--standalone", "--nproc-per-node", "2", "-m", "bench.worker", "j.json"]
+    assert command[3:] == ["--standalone", "--nproc-per-node", "2", "-m", "bench.training.worker", "j.json"]
     assert env["OMP_NUM_THREADS"] == str(threads_per_rank(2))
     command, env = worker_command(config(world_size=16, launcher={"nnodes": 2, "rdzv_endpoint": "node0:29400",
                                                                  "rdzv_id": "job1"}), Path("j.json"), "c-0")
     assert command[3:] == ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400",
-                           "--rdzv-id", "job1-c-0", "--nproc-per-node", "8", "-m", "bench.worker", "j.json"]
+                           "--rdzv-id", "job1-c-0", "--nproc-per-node", "8", "-m", "bench.training.worker", "j.json"]

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from matplotlib.image import imread
 
-from bench.config import load_matrix
-from bench.diagnose import diagnose, gradient_flow, inspect_training
+from bench.config.matrix import load_matrix
+from bench.diagnostics.diagnose import diagnose, gradient_flow, inspect_training
 from tests.conftest import TINY_MATRIX
 
 
@@ -44,7 +44,7 @@ def test_profile_trace_is_a_chrome_trace_and_ranks_a_convolution(write_matrix, t
 
 
 def test_top_operators_are_sorted_by_self_time_on_the_device():
-    from bench.profiling import profile_steps, top_operators
+    from bench.training.profiling import profile_steps, top_operators
 
     x = torch.randn(64, 64)
     prof = profile_steps(lambda: (x @ x).relu(), 3, torch.device("cpu"))
@@ -64,7 +64,7 @@ def test_layer_statistics_of_a_relu_cnn(write_matrix):
 
 
 def test_diagnose_cli_with_profile_trace(write_matrix, tmp_path, capsys):
-    from bench.cli import main
+    from bench.cli.main import main
 
     out = tmp_path / "d"
     assert main(["diagnose", str(write_matrix(TINY_MATRIX)), "--steps", "2", "--profile-trace", "--out", str(out)]) == 0

@@ -1,7 +1,7 @@
 """Hostile input: every malformed matrix, value, argument or environment variable is refused on
 one short line starting with ``error:``, exit code 2, no traceback, and nothing is written.
 
-Table-driven and in-process (``bench.cli.main``) so the corpus runs in seconds; a few cases go
+Table-driven and in-process (``bench.cli.main.main``) so the corpus runs in seconds; a few cases go
 through the real command line in a subprocess to show that no traceback escapes there either.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cli import main
+from bench.cli.main import main
 
 BASE_FIELDS = {"model": "tiny_cnn", "dataset": "digits", "image_size": "16", "batch_size": "64", "epochs": "1"}
 TINY_FIELDS = {"model": "tiny_cnn", "dataset": "synthetic", "num_samples": "64", "image_size": "8",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.layer_stats import layer_statistics
+from bench.diagnostics.layer_stats import layer_statistics
 from bench.tricks.checkpointing import apply_checkpointing
 
 BIAS = torch.tensor([-1.0, 2.0, -3.0, 4.0])

@@ -1,7 +1,7 @@
 """`trickbench list tricks`: every registered trick, its one-line description and its values."""
 from __future__ import annotations
 
-from bench.cli import main
+from bench.cli.main import main
 from bench.tricks import TRICKS
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.train import prepare_run
+from bench.training.train import prepare_run
 from tests.tricks.speed_helpers import tiny_config
 
 CPU = torch.device("cpu")
@@ -30,13 +30,13 @@ def test_workers_without_prefetch_factor_get_torchs_default():
 
 @pytest.mark.parametrize("field, value", [("persistent_workers", True), ("prefetch_factor", 2)])
 def test_worker_options_without_workers_are_refused_at_validation(field, value):
-    from bench.config import ConfigError
+    from bench.config.matrix import ConfigError
 
     with pytest.raises(ConfigError, match="needs num_workers > 0"):
         tiny_config(**{field: value})
 
 
 def test_pin_memory_on_cpu_is_recorded_as_not_applied():
-    from bench.train import train
+    from bench.training.train import train
 
     assert train(tiny_config(pin_memory=True), seed=0, device=CPU)["pin_memory_applied"] is False

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cli import main
-from bench.report import build_report
-from bench.results import read_rows
-from bench.schedules import SCHEDULES
+from bench.cli.main import main
+from bench.reports.report import build_report
+from bench.store.results import read_rows
+from bench.parts.schedules import SCHEDULES
 
 MATRIX = """
 name: lr
@@ -32,7 +32,7 @@ def test_schedule_axes_run_are_recorded_and_labelled(write_matrix, tmp_path, mon
     losses = {key: r["final_train_loss"] for key, r in runs.items()}
     assert len(set(losses.values())) == 3, losses
 
-    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
+    monkeypatch.setattr("bench.reports.report.write_figures", lambda stats, design, folder: ([], []))
     text = build_report(out).read_text()
     assert "### lr_schedule" in text and "### lr_warmup_steps" in text
     assert '| lr_schedule="cosine" |' in text and "| lr_warmup_steps=4 |" in text

@@ -8,8 +8,8 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from bench.cli import main
-from bench.lr_finder import exponential_lrs, lr_range_test
+from bench.cli.main import main
+from bench.diagnostics.lr_finder import exponential_lrs, lr_range_test
 
 MATRIX = """
 name: finder

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from bench import machine
-from bench.cli import main
-from bench.compare import load_side
-from bench.config import load_matrix
-from bench.report import build_report, load_results, write_index
-from bench.results import read_rows
+from bench.execution import machine
+from bench.cli.main import main
+from bench.regression.compare import load_side
+from bench.config.matrix import load_matrix
+from bench.reports.report import build_report, load_results, write_index
+from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 from tests.test_report import BASE, ENV, ok_row, write_rows
 from tests.test_results import fake_worker  # noqa: F401 - fixture
@@ -64,7 +64,7 @@ def two_machine_rows():
 
 
 def test_a_report_over_two_machines_keeps_them_apart(tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
+    monkeypatch.setattr("bench.reports.report.write_figures", lambda stats, design, folder: ([], []))
     folder = write_rows(tmp_path / "results" / "toy", two_machine_rows())
     results = load_results(folder)
     assert {r["env"]["cpu_model"] for r in results.rows} == {"Test CPU"}  # the latest machine

@@ -5,10 +5,10 @@ import types
 import pytest
 import torch
 
-from bench import measure, train as train_module
-from bench.config import build_train_config
-from bench.measure import RunRecorder, datasheet_key
-from bench.train import flop_step, memory_step, prepare_run, train
+from bench.training import measure, train as train_module
+from bench.config.matrix import build_train_config
+from bench.training.measure import RunRecorder, datasheet_key
+from bench.training.train import flop_step, memory_step, prepare_run, train
 
 CPU = torch.device("cpu")
 

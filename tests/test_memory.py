@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
-from bench.memory import CATEGORIES, StorageLedger, tensors_held_by, track_step_memory
-from bench.spec import RunContext
-from bench.train import run_step
+from bench.training.memory import CATEGORIES, StorageLedger, tensors_held_by, track_step_memory
+from bench.tricks.spec import RunContext
+from bench.training.train import run_step
 from bench.tricks.ema import EMA
 from bench.tricks.sam import SAM
 

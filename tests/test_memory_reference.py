@@ -24,10 +24,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from bench.memory import MemoryReport, track_step_memory
-from bench.models import build_model
-from bench.spec import RunContext, Trick
-from bench.train import run_step
+from bench.training.memory import MemoryReport, track_step_memory
+from bench.parts.models import build_model
+from bench.tricks.spec import RunContext, Trick
+from bench.training.train import run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.checkpointing import Checkpointing
 from bench.tricks.ema import EMA

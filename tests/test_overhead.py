@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.config import build_train_config
-from bench.measure import StepClock
-from bench.models import build_model
-from bench.train import Run, prepare_run
+from bench.config.matrix import build_train_config
+from bench.training.measure import StepClock
+from bench.parts.models import build_model
+from bench.training.train import Run, prepare_run
 
 BATCH = (torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)))
 
@@ -52,7 +52,7 @@ def test_harness_step(benchmark):
     clock = StepClock(torch.device("cpu"))
     losses = []
 
-    def step():  # what bench.train.train does per timed step
+    def step():  # what bench.training.train.train does per timed step
         started = clock.start()
         loss = run.step(BATCH)
         clock.stop(started)

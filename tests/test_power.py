@@ -1,10 +1,10 @@
-"""The timing tier's false-alarm and power measurement (bench.power) on synthetic A/A runs."""
+"""The timing tier's false-alarm and power measurement (bench.regression.power) on synthetic A/A runs."""
 import json
 
 import numpy as np
 
-from bench import power
-from bench.cli import main
+from bench.regression import power
+from bench.cli.main import main
 
 
 def aa_rows(step_ms, cell="c"):

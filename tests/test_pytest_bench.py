@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import bench
-from bench.cli import main
+from bench.cli.main import main
 
 BASELINE = Path(bench.__file__).parent.parent / "baselines" / "ci-cpu.json"  # trickbench's own
 

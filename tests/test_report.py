@@ -1,4 +1,4 @@
-"""bench.report on a hand-built cells.jsonl whose expected numbers are known in advance."""
+"""bench.reports.report on a hand-built cells.jsonl whose expected numbers are known in advance."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from bench.figures import plot_speedup_heatmap
-from bench.report import add_cli, build_report, md_table, render_report, write_index
-from bench.stats import all_cell_stats
+from bench.reports.figures import plot_speedup_heatmap
+from bench.reports.report import add_cli, build_report, md_table, render_report, write_index
+from bench.reports.stats import all_cell_stats
 
 MIB = 2 ** 20
 FIGURES = ["throughput_vs_memory", "accuracy", "speedup_heatmap", "memory_breakdown", "curves", "step_times"]
@@ -77,7 +77,7 @@ def built(tmp_path_factory):
 @pytest.fixture
 def no_figures(monkeypatch):
     """For tests about text only: drawing the figures is the slow part of a report."""
-    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
+    monkeypatch.setattr("bench.reports.report.write_figures", lambda stats, design, folder: ([], []))
 
 
 def table_line(text: str, label: str) -> str:
@@ -276,7 +276,7 @@ def test_md_table_escapes_pipes_and_newlines():
 
 def test_step_time_figure_is_the_same_when_rebuilt(tmp_path):
     """Reports are functions of the rows: the jittered per-run plot too, byte for byte."""
-    from bench.figures import plot_step_times
+    from bench.reports.figures import plot_step_times
 
     stats = all_cell_stats(toy_rows())
     assert plot_step_times(stats, tmp_path / "a.png") and plot_step_times(stats, tmp_path / "b.png")

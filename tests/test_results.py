@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import runner
-from bench.cli import main
-from bench.config import load_matrix
-from bench.report import build_report, load_results, write_index
-from bench.results import (SCHEMA_VERSION, RunRecord, append_row, matrix_record, read_rows, row_problem,
+from bench.execution import runner
+from bench.cli.main import main
+from bench.config.matrix import load_matrix
+from bench.reports.report import build_report, load_results, write_index
+from bench.store.results import (SCHEMA_VERSION, RunRecord, append_row, matrix_record, read_rows, row_problem,
                            write_atomic)
-from bench.stats import all_cell_stats
+from bench.reports.stats import all_cell_stats
 from tests.conftest import TINY_MATRIX
 from tests.test_report import toy_rows
 
@@ -122,9 +122,9 @@ def test_junk_rows_change_nothing_in_a_report(tmp_path, no_figures):
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    import bench.report
+    import bench.reports.report
 
-    monkeypatch.setattr(bench.report, "write_figures", lambda stats, design, folder: ([], []))
+    monkeypatch.setattr(bench.reports.report, "write_figures", lambda stats, design, folder: ([], []))
 
 
 def test_report_and_index_on_non_utf8_file_exit_0_with_warnings(tmp_path):

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from bench import runner
-from bench.cli import main
-from bench.config import load_matrix
-from bench.results import read_rows
+from bench.execution import runner
+from bench.cli.main import main
+from bench.config.matrix import load_matrix
+from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 
 REQUIRED = ["schema_version", "matrix", "cell_id", "seed", "axes", "config", "status",
@@ -122,9 +122,9 @@ def test_a_child_that_dies_silently_is_recorded(write_matrix, tmp_path, monkeypa
 
 
 def test_divergence_is_a_status_with_its_step(monkeypatch):
-    from bench import train as train_module
-    from bench.config import build_train_config
-    from bench.worker import run_job
+    from bench.training import train as train_module
+    from bench.config.matrix import build_train_config
+    from bench.training.worker import run_job
 
     real = train_module.F.cross_entropy
     calls = {"n": 0}

@@ -1,7 +1,7 @@
 import pytest
 
-from bench.config import ConfigError, build_train_config
-from bench.schedules import SCHEDULES, lr_trace
+from bench.config.matrix import ConfigError, build_train_config
+from bench.parts.schedules import SCHEDULES, lr_trace
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import selfcheck
-from bench.cli import main
-from bench.config import load_matrix
+from bench.diagnostics import selfcheck
+from bench.cli.main import main
+from bench.config.matrix import load_matrix
 
 ABLATIONS = Path(__file__).resolve().parent.parent / "ablations"
 CUDA_ONLY = {"memory_reset", "precision_tf32", "tf32_switch", "two_devices", "physics_bf16_speedup"}
@@ -92,7 +92,7 @@ def test_concurrent_runs_start_separate_workers(tmp_path):
 
 
 def test_gpu_physics_config_is_a_valid_run():
-    from bench.feasibility import check_run
+    from bench.training.feasibility import check_run
 
     for precision in ("fp32", "bf16"):
         config = selfcheck.resnet50_config(selfcheck.Context(torch.device("cpu"), Path(".")), precision)

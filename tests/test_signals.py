@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import runner
-from bench.cli import main
-from bench.results import read_rows
+from bench.execution import runner
+from bench.cli.main import main
+from bench.store.results import read_rows
 
 # One cell, two seeds. Under TRICKBENCH_FAULT=hang@0 each child hangs after its first step, so it
 # is still there when the signal comes and only a kill can end it; the rerun trains normally.

@@ -1,5 +1,5 @@
-"""Runs side by side: which run goes where (bench.slots), and the runner that starts them
-(bench.runner.LocalRuns) on fake GPUs, on shared CPU slots, and when stopped."""
+"""Runs side by side: which run goes where (bench.execution.slots), and the runner that starts them
+(bench.execution.runner.LocalRuns) on fake GPUs, on shared CPU slots, and when stopped."""
 from __future__ import annotations
 
 import os
@@ -10,11 +10,11 @@ from itertools import combinations
 
 import pytest
 
-from bench import runner
-from bench.cli import main
-from bench.config import load_matrix
-from bench.results import read_rows
-from bench.slots import DevicePool, LocalDevices, Placement, Request, child_environment, request_for, too_wide
+from bench.execution import runner
+from bench.cli.main import main
+from bench.config.matrix import load_matrix
+from bench.store.results import read_rows
+from bench.execution.slots import DevicePool, LocalDevices, Placement, Request, child_environment, request_for, too_wide
 from tests.conftest import TINY_MATRIX
 from tests.test_results import fake_worker  # noqa: F401 - fixture
 from tests.test_signals import SLOW_MATRIX, assert_lock_free, assert_no_child_left, processes_mentioning, wait_for
@@ -192,11 +192,11 @@ def test_ctrl_c_stops_every_run_in_flight(write_matrix, tmp_path):
 def test_shared_timing_is_never_compared(tmp_path, monkeypatch):
     """Rows timed side by side: the report shows their speed but makes no call, and compare says
     NOT COMPARABLE for timing while still judging the exact counters."""
-    from bench.compare import NOT_COMPARABLE, PASS, compare_cells, load_side
-    from bench.report import build_report
+    from bench.regression.compare import NOT_COMPARABLE, PASS, compare_cells, load_side
+    from bench.reports.report import build_report
     from tests.test_report import toy_rows, write_rows
 
-    monkeypatch.setattr("bench.report.write_figures", lambda stats, design, folder: ([], []))
+    monkeypatch.setattr("bench.reports.report.write_figures", lambda stats, design, folder: ([], []))
     plain = write_rows(tmp_path / "plain", toy_rows())
     shared = write_rows(tmp_path / "shared", [{**r, "shared_timing": True} for r in toy_rows()])
     plain_text, shared_text = build_report(plain).read_text(), build_report(shared).read_text()

@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from bench.cli import main
-from bench.config import ConfigError, load_matrix
-from bench.results import read_rows
-from bench.train import train
+from bench.cli.main import main
+from bench.config.matrix import ConfigError, load_matrix
+from bench.store.results import read_rows
+from bench.training.train import train
 from bench.tricks import TRICKS
 from tests.test_train_smoke import SKIPPED, SMOKE_MODELS, SMOKE_VALUES
 

@@ -1,6 +1,6 @@
 """Registered tricks. Importing this package registers every trick in ``TRICKS``."""
-from bench.registry import Registry
-from bench.spec import Trick
+from bench.base.registry import Registry
+from bench.tricks.spec import Trick
 
 TRICKS: Registry[type[Trick]] = Registry("trick")
 

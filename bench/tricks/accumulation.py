@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.spec import Batch, Trick
+from bench.tricks.spec import Batch, Trick
 from bench.tricks import register
 
 

@@ -7,7 +7,7 @@ MNIST: ``DatasetSplits.flip_safe``). ``autoaugment`` (Cubuk et al. 2019, CIFAR-1
 ``randaugment`` (Cubuk et al. 2020, N=2, M=9) and ``trivialaugment`` (Müller & Hutter 2021,
 TrivialAugmentWide) run after ``basic``, as in their papers' CIFAR set-ups.
 
-The transforms see float images in [0, 1], before normalization (``bench.data.augment_train``
+The transforms see float images in [0, 1], before normalization (``bench.parts.data.augment_train``
 un-normalizes, augments and normalizes again); the evaluation split is never augmented. Their
 cost is the workers' (or, with ``num_workers: 0``, the main process's) time, which shows in a
 row's ``data_stall_fraction`` when the step has to wait for it.
@@ -22,9 +22,9 @@ from typing import Any, Callable
 import torch
 from torchvision.transforms import v2
 
-from bench.registry import did_you_mean
-from bench.safeyaml import shorten
-from bench.spec import Trick
+from bench.base.registry import did_you_mean
+from bench.base.safeyaml import shorten
+from bench.tricks.spec import Trick
 from bench.tricks import register
 
 POLICIES: dict[str, Callable[[], v2.Transform]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.spec import Batch, Switch
+from bench.tricks.spec import Batch, Switch
 from bench.tricks import register
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bench.batchnorm import frozen_running_stats
-from bench.spec import Switch
+from bench.parts.batchnorm import frozen_running_stats
+from bench.tricks.spec import Switch
 from bench.tricks import register
 
 
@@ -77,7 +77,7 @@ class Checkpointing(Switch):
     def check(cls, value: Any, config: Any) -> None:
         if not value:
             return
-        from bench.models import build_model
+        from bench.parts.models import build_model
 
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = build_model(config.model, num_classes=10)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bench.spec import RunContext, Switch
+from bench.tricks.spec import RunContext, Switch
 from bench.tricks import register
 
 

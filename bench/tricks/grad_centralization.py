@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.spec import RunContext, Switch
+from bench.tricks.spec import RunContext, Switch
 from bench.tricks import register
 
 

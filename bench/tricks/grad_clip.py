@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from bench.safeyaml import shorten
-from bench.spec import RunContext, Trick
+from bench.base.safeyaml import shorten
+from bench.tricks.spec import RunContext, Trick
 from bench.tricks import register
 
 MODES = ("norm", "value")

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from bench.spec import Trick
+from bench.tricks.spec import Trick
 from bench.tricks import register
 
 # torch.nn activation modules that take an ``inplace`` argument.
@@ -52,7 +52,7 @@ class InplaceActivations(Trick):
             return
         import torch
 
-        from bench.models import build_model
+        from bench.parts.models import build_model
 
         with torch.device("meta"):  # module types only: no memory, no init cost
             model = build_model(config.model, num_classes=10)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.spec import LossFn, Trick
+from bench.tricks.spec import LossFn, Trick
 from bench.tricks import register
 
 

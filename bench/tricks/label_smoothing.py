@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from bench.spec import Criterion, Trick
+from bench.tricks.spec import Criterion, Trick
 from bench.tricks import register
 
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.distributed import unwrap
-from bench.safeyaml import shorten
-from bench.spec import RunContext, Trick
+from bench.parts.distributed import unwrap
+from bench.base.safeyaml import shorten
+from bench.tricks.spec import RunContext, Trick
 from bench.tricks import register
 
 DEFAULTS = {"k": 5, "alpha": 0.5}

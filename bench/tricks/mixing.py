@@ -27,8 +27,8 @@ from typing import Any, Callable
 import torch
 from torchvision.transforms import v2
 
-from bench.safeyaml import shorten
-from bench.spec import Batch, RunContext, Trick
+from bench.base.safeyaml import shorten
+from bench.tricks.spec import Batch, RunContext, Trick
 from bench.tricks import register
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.spec import Choice
+from bench.tricks.spec import Choice
 from bench.tricks import register
 
 OPTIONS: dict[str, dict[str, bool]] = {

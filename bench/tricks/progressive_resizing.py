@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.config import MEASUREMENT_STEPS
-from bench.measure import StepClock
-from bench.safeyaml import shorten
-from bench.spec import Batch, RunContext, Trick
+from bench.config.matrix import MEASUREMENT_STEPS
+from bench.training.measure import StepClock
+from bench.base.safeyaml import shorten
+from bench.tricks.spec import Batch, RunContext, Trick
 from bench.tricks import register
 
 SIZE_MULTIPLE = 4
@@ -70,7 +70,7 @@ def resize(inputs: torch.Tensor, side: int) -> torch.Tensor:
 
 def model_flops(model_name: str, num_classes: int, shape: tuple[int, ...]) -> int:
     """FLOPs of the bare model's forward and backward on a batch of ``shape``, shapes only."""
-    from bench.models import build_model
+    from bench.parts.models import build_model
 
     with torch.device("meta"):
         model = build_model(model_name, num_classes).train()
@@ -107,8 +107,8 @@ class ProgressiveResizing(Trick):
         """Every side the schedule can reach must go through the model (a meta-device forward)."""
         if value is None:
             return
-        from bench.data import dataset_facts
-        from bench.feasibility import _meta_forward
+        from bench.parts.data import dataset_facts
+        from bench.training.feasibility import _meta_forward
 
         try:
             facts = dataset_facts(config)
@@ -129,7 +129,7 @@ class ProgressiveResizing(Trick):
             raise ValueError("progressive_resizing needs the run's total optimizer steps (RunContext.total_steps)")
         self.total_steps, self.config, self.num_classes = run.total_steps, run.config, run.num_classes
         warmup = run.config.warmup_steps
-        self.measurement_steps = range(warmup, warmup + MEASUREMENT_STEPS)  # as bench.train schedules them
+        self.measurement_steps = range(warmup, warmup + MEASUREMENT_STEPS)  # as bench.training.train schedules them
         self.device = run.device
         self.step, self.started = 0, None
         self.steps_at: dict[int, int] = {}

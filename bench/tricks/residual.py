@@ -26,8 +26,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
-from bench.distributed import unwrap
-from bench.spec import Switch, Trick
+from bench.parts.distributed import unwrap
+from bench.tricks.spec import Switch, Trick
 from bench.tricks import register
 
 RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
@@ -47,7 +47,7 @@ def last_bn(block: nn.Module) -> nn.BatchNorm2d:
 
 @functools.lru_cache(maxsize=None)
 def has_residual_blocks(model_name: str) -> bool:
-    from bench.models import build_model
+    from bench.parts.models import build_model
 
     with torch.device("meta"):  # structure only: no memory, no init cost
         return bool(residual_blocks(build_model(model_name, num_classes=10)))

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from bench.batchnorm import frozen_running_stats
-from bench.distributed import no_grad_sync
-from bench.spec import RunContext, StepFns, Trick
+from bench.parts.batchnorm import frozen_running_stats
+from bench.parts.distributed import no_grad_sync
+from bench.tricks.spec import RunContext, StepFns, Trick
 from bench.tricks import register
 
 

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.registry import did_you_mean
-from bench.spec import RunContext, StepFns, Trick
+from bench.base.registry import did_you_mean
+from bench.tricks.spec import RunContext, StepFns, Trick
 from bench.tricks import register
 
 MODES = ["default", "reduce-overhead", "max-autotune"]

@@ -15,8 +15,8 @@ from typing import Any, ContextManager
 
 from torch import nn
 
-from bench import distributed
-from bench.spec import Trick
+from bench.parts import distributed
+from bench.tricks.spec import Trick
 from bench.tricks import register
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.config import build_train_config
-from bench.train import Run, endless_batches, prepare_run
+from bench.config.matrix import build_train_config
+from bench.training.train import Run, endless_batches, prepare_run
 
 CPU = torch.device("cpu")
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config import build_train_config
-from bench.spec import RunContext
-from bench.train import make_step, run_step
+from bench.config.matrix import build_train_config
+from bench.tricks.spec import RunContext
+from bench.training.train import make_step, run_step
 from bench.tricks.accumulation import Accumulation
 
 K = 4

@@ -20,11 +20,11 @@ from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 from torchvision.models.vision_transformer import VisionTransformer
 
-from bench.config import ConfigError, build_train_config, load_matrix
-from bench.distributed import unwrap
-from bench.models import build_model
-from bench.spec import RunContext
-from bench.train import build_tricks, run_step, train
+from bench.config.matrix import ConfigError, build_train_config, load_matrix
+from bench.parts.distributed import unwrap
+from bench.parts.models import build_model
+from bench.tricks.spec import RunContext
+from bench.training.train import build_tricks, run_step, train
 from bench.tricks.attention import (Attention, KernelAttention, chunked_attention, math_attention,
                                     replace_attention)
 from tests.test_memory_reference import measure
@@ -210,7 +210,7 @@ def test_two_ranks_with_chunked_attention_equal_one_process(tmp_path):
 def test_attention_memory_command_writes_the_figure_and_table(tmp_path):
     from matplotlib.image import imread
 
-    from bench.cli import main
+    from bench.cli.main import main
 
     out = tmp_path / "attention"
     assert main(["attention-memory", "--out", str(out), "--batch-size", "4", "--image-sizes", "8", "32"]) == 0
@@ -224,7 +224,7 @@ def test_attention_memory_command_writes_the_figure_and_table(tmp_path):
 
 
 def test_attention_memory_refuses_sizes_the_patches_do_not_tile(tmp_path, capsys):
-    from bench.cli import main
+    from bench.cli.main import main
 
     assert main(["attention-memory", "--out", str(tmp_path / "a"), "--image-sizes", "30"]) == 2
     assert "30 is not a multiple of the patch size 4" in capsys.readouterr().err
@@ -235,10 +235,10 @@ def test_flops_of_each_kernel_in_matrix_products():
     """In units of one (L x L x d) product, 2·B·heads·L²·d FLOPs: math = 2 forward + 4 backward;
     flash attention (SDPA's CPU kernel) recomputes QKᵀ in backward, 7; chunked recomputes QKᵀ
     too (non-reentrant checkpoint stops recomputing once the tensors backward needs exist), 7.
-    Torch has no formula for the CPU flash kernel: bench.flop_formulas adds it (else SDPA = 0)."""
+    Torch has no formula for the CPU flash kernel: bench.parts.flop_formulas adds it (else SDPA = 0)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import bench.train  # noqa: F401 - registers the formulas, as every run does
+    import bench.training.train  # noqa: F401 - registers the formulas, as every run does
 
     unit = 2 * 2 * 4 * TOKENS * TOKENS * 8
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 2, 4, TOKENS, 8).unbind(0))

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.config import ConfigError, build_train_config
-from bench.data import build_dataset
-from bench.train import prepare_run
+from bench.config.matrix import ConfigError, build_train_config
+from bench.parts.data import build_dataset
+from bench.training.train import prepare_run
 from bench.tricks import TRICKS
 from bench.tricks.augment import CHOICES, augmentation
 

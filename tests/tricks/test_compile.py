@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.memory import track_step_memory
-from bench.spec import RunContext
-from bench.train import run_step
+from bench.training.memory import track_step_memory
+from bench.tricks.spec import RunContext
+from bench.training.train import run_step
 from bench.tricks.torch_compile import Compile
 
 CPU = torch.device("cpu")
@@ -128,7 +128,7 @@ def test_compiler_failure_is_an_error_row_with_the_compilers_message():
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    from bench.worker import run_job
+    from bench.training.worker import run_job
     from tests.tricks.speed_helpers import tiny_config
 
     config = tiny_config(compile="default", device="cpu")
@@ -153,7 +153,7 @@ def test_parse_rejects(value):
 def test_compiled_run_end_to_end():
     """tiny_cnn through the real loop: compilation inside the warm-up, memory and FLOPs of the eager
     model (the same as an uncompiled run's), timed steps after it."""
-    from bench.train import train
+    from bench.training.train import train
     from tests.tricks.speed_helpers import tiny_config
 
     eager = train(tiny_config(), seed=0, device=CPU)
@@ -178,7 +178,7 @@ def test_under_ddp_the_module_inside_the_wrapper_is_compiled(one_rank_group):
     """torch.compile(DDP(m)) compiles no graph in this torch; DDP(compile(m)) compiles all of it."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from bench.distributed import unwrap
+    from bench.parts.distributed import unwrap
 
     plain = mlp()
     trick, model, opt = compiled(DistributedDataParallel(plain))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.spec import RunContext
+from bench.tricks.spec import RunContext
 from bench.tricks.cudnn_benchmark import CudnnBenchmark
 
 
@@ -22,7 +22,7 @@ def test_cpu_records_not_applied_and_leaves_the_flag(monkeypatch):
 
 
 def test_cpu_row_says_not_applied():
-    from bench.train import train
+    from bench.training.train import train
     from tests.tricks.speed_helpers import CPU, tiny_config
 
     assert train(tiny_config(cudnn_benchmark=True), seed=0, device=CPU)["cudnn_benchmark_applied"] is False

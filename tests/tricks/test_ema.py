@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from bench.spec import RunContext
-from bench.train import run_step
+from bench.tricks.spec import RunContext
+from bench.training.train import run_step
 from bench.tricks.ema import EMA
 
 DECAY = 0.7  # far from 1, so every step's weights weigh in visibly

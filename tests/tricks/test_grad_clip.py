@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.spec import RunContext
-from bench.train import run_step
+from bench.tricks.spec import RunContext
+from bench.training.train import run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.grad_clip import GradClip
 from bench.tricks.precision import Precision

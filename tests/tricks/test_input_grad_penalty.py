@@ -13,9 +13,9 @@ from torch import nn
 from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.models import build_model
-from bench.spec import RunContext
-from bench.train import make_step, run_step
+from bench.parts.models import build_model
+from bench.tricks.spec import RunContext
+from bench.training.train import make_step, run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.checkpointing import apply_checkpointing
 from bench.tricks.input_grad_penalty import InputGradPenalty

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.spec import RunContext
-from bench.train import make_step
+from bench.tricks.spec import RunContext
+from bench.training.train import make_step
 from bench.tricks.label_smoothing import LabelSmoothing
 
 EPS = 0.2

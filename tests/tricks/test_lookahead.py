@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config import build_train_config
-from bench.memory import track_step_memory
-from bench.spec import RunContext
-from bench.train import run_step
+from bench.config.matrix import build_train_config
+from bench.training.memory import track_step_memory
+from bench.tricks.spec import RunContext
+from bench.training.train import run_step
 from bench.tricks.lookahead import Lookahead
 
 CPU = torch.device("cpu")

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config import build_train_config
-from bench.spec import Batch, RunContext, Trick
-from bench.train import make_step
+from bench.config.matrix import build_train_config
+from bench.tricks.spec import Batch, RunContext, Trick
+from bench.training.train import make_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.mixing import CutMix, MixUp
 

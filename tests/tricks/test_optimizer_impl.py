@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from bench.config import build_train_config
-from bench.models import build_model
-from bench.train import build_optimizer, build_tricks, run_step
+from bench.config.matrix import build_train_config
+from bench.parts.models import build_model
+from bench.training.train import build_optimizer, build_tricks, run_step
 from bench.tricks.optimizer_impl import OptimizerImpl
 
 OPTIMIZERS = {"sgd": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},

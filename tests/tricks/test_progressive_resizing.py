@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.testing import assert_close
 
-from bench.config import ConfigError, build_train_config, load_matrix
-from bench.train import train
+from bench.config.matrix import ConfigError, build_train_config, load_matrix
+from bench.training.train import train
 from bench.tricks.progressive_resizing import ProgressiveResizing, model_flops, resize, scale_at, side_at
 
 CPU = torch.device("cpu")

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config import ConfigError, build_train_config
-from bench.models import build_model
+from bench.config.matrix import ConfigError, build_train_config
+from bench.parts.models import build_model
 from bench.tricks.residual import StochasticDepthTrick, ZeroInitResidual, residual_blocks
 
 P = 0.5
@@ -124,7 +124,7 @@ def test_rejected_on_a_model_without_residual_blocks(trick, value):
 
 
 def test_rejection_is_a_one_line_config_error(tmp_path):
-    from bench.config import load_matrix
+    from bench.config.matrix import load_matrix
 
     path = tmp_path / "m.yaml"
     path.write_text("name: m\nbase: {model: tiny_cnn, dataset: synthetic, steps: 10}\nseeds: [0]\n"

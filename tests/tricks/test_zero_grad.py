@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.train import memory_step
+from bench.training.train import memory_step
 from tests.tricks.speed_helpers import tiny_run
 
 

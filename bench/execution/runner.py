@@ -1,0 +1,509 @@
+"""Runs a matrix: one child process per (cell, seed), rows appended as each finishes.
+
+The parent only schedules and collects. It starts runs in round-robin order, as many at once as
+the devices allow (one per GPU, see :mod:`bench.execution.slots`), and is the only writer of
+``cells.jsonl``: each child leaves its row in a file of its own, which the parent appends. It
+resumes by skipping (cell_id, seed) pairs that have a row measured on this machine
+(:mod:`bench.execution.machine`), holds a lock so two runs never write one folder, and records a child that
+dies or overruns its time limit as a failed row, so the matrix always goes on.
+
+The folder belongs to one matrix, recorded in ``matrix.json`` at the start: running an edited
+matrix (other cells, design, or fewer seeds) into it is refused before anything runs; more
+seeds are allowed. Failed runs stay failed on a rerun unless ``retry_failed`` (the newest row of
+a (cell, seed) is the one that counts). SIGTERM and SIGHUP end a run like Ctrl-C: the child and
+everything it started are stopped, and no row is written for the run in progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from bench.execution import lifeline, machine
+from bench.config.matrix import Cell, Matrix, TrainConfig
+from bench.parts.distributed import threads_per_rank
+from bench.execution.slots import DevicePool, LocalDevices, Placement, child_environment, request_for
+from bench.store.results import (CSV_FILE, LOCK_FILE, MATRIX_FILE, ROWS_FILE, WORK_DIR, Row, RunRecord,
+                           StoreError, append_row, end_torn_row, latest_runs, matrix_change, matrix_record,
+                           open_for_writing, read_matrix_record, read_rows, refuse_link, row_problem,
+                           write_atomic, write_csv)
+from bench.reports.stats import scaling_efficiency
+
+
+WORKER = [sys.executable, "-m", "bench.training.worker"]  # + the job file
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, for world_size > 1
+STOP_GRACE_S = 40  # for torchrun to stop its ranks: SIGTERM, then SIGKILL after its own 30 s
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class OutputBusy(StoreError):
+    """Another trickbench run holds the output folder."""
+
+
+class MatrixChanged(StoreError):
+    """The output folder holds the rows of another matrix."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (a scheduler, ``timeout``, a closed terminal): stop like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def termination_as_exception() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` in the main thread, so the cleanup that
+    Ctrl-C gets (stop the child, release the lock, remove the work folder) runs for them too."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    # A signal already ignored stays ignored: under nohup, a closed terminal must not stop the run.
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """One writer per output folder (an advisory lock, released if the holder dies)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(f"--out {out_dir}: not a folder (a file is in the way)") from None
+    except OSError as err:
+        raise StoreError(f"--out {out_dir}: cannot create the folder: {err.strerror}") from None
+    fd = open_for_writing(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # never truncates, never follows
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"{out_dir} is being written by another trickbench run; "
+                             "wait for it or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def move_aside(out_dir: Path) -> list[Path]:
+    """For --fresh: keep the old rows and their matrix.json under a timestamped name, not deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (ROWS_FILE, MATRIX_FILE):
+        path = out_dir / name
+        if os.path.lexists(path):
+            target = out_dir / f"{name}.{stamp}.old"
+            path.rename(target)
+            moved.append(target)
+    return moved
+
+
+def check_matrix(out_dir: Path, matrix: Matrix, rows: list[Row]) -> dict[str, Any]:
+    """The record to keep in matrix.json; MatrixChanged when the folder's rows belong to another matrix."""
+    current = matrix_record(matrix)
+    ask = "run with --fresh to move the old results aside and start over, or choose another --out"
+    try:
+        recorded = read_matrix_record(out_dir)
+    except StoreError as err:
+        raise MatrixChanged(f"{err}; {ask}") from None
+    if recorded is not None:
+        change = matrix_change(recorded, current)
+        if change:
+            raise MatrixChanged(f"{out_dir} holds results of a different matrix ({change}; recorded in "
+                                f"{MATRIX_FILE}); {ask}")
+        return current
+    stray = {r["cell_id"] for r in rows} - {c.cell_id for c in matrix.cells}
+    if stray:
+        raise MatrixChanged(f"{out_dir / ROWS_FILE} has rows of {len(stray)} cells that are not in this matrix "
+                            f"(written before {MATRIX_FILE} was kept); {ask}")
+    return current
+
+
+def fresh_work_dir(out_dir: Path) -> Path:
+    """``out_dir/.work``, emptied: what a run killed with its parent left there is removed here."""
+    work = out_dir / WORK_DIR
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(work).st_mode
+        if not stat.S_ISDIR(mode):  # a link or a file: remove the name, never what it points at
+            raise StoreError(f"{work} is not a folder; remove it")
+        shutil.rmtree(work)
+    work.mkdir()
+    return work
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def worker_command(config: TrainConfig, job_path: Path, run_id: str) -> tuple[list[str], dict[str, str] | None]:
+    """(command, environment) of one run: the worker alone, or under torchrun once per rank."""
+    if config.world_size == 1:
+        return [*WORKER, str(job_path)], None
+    launcher = config.launcher
+    per_node = config.world_size // launcher.nnodes
+    if launcher.nnodes == 1:
+        where = ["--standalone"]  # rendezvous on this machine, on a free port
+    else:  # every node runs this same command; the id must differ between runs, not between nodes
+        where = ["--nnodes", str(launcher.nnodes), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", launcher.rdzv_endpoint, "--rdzv-id", f"{launcher.rdzv_id}-{run_id}"]
+    command = [*LAUNCHER, *where, "--nproc-per-node", str(per_node), "-m", "bench.training.worker", str(job_path)]
+    # Each rank gets its share of the cores (torchrun would otherwise set 1 thread per rank).
+    return command, {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(per_node))}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a child and everything it started (see :func:`stop_all`)."""
+    stop_all([proc])
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """End children and everything they started, all within one grace period.
+
+    SIGTERM first: torchrun answers it by stopping its ranks, which it starts in sessions of their
+    own where killpg cannot reach them. Then SIGKILL to whatever is left of each child's group.
+    Ctrl-C and SIGTERM wait until this is done: an interrupted stop would leave children running.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _arm_death_signal() -> None:
+    """In the child before exec: SIGTERM when the runner dies, even by SIGKILL (torchrun then stops
+    its ranks; a worker re-arms it as SIGKILL for itself)."""
+    lifeline.die_with_parent(signal.SIGTERM)
+
+
+def run_in_child(matrix: Matrix, cell: Cell, seed: int, work_dir: Path) -> Row:
+    """Train one (cell, seed) in a fresh interpreter (one per rank); always returns a row."""
+    job = start_run(matrix, cell, seed, work_dir, extra_env={}, machine_env=None)
+    return job.wait()
+
+
+def start_run(matrix: Matrix, cell: Cell, seed: int, work_dir: Path, extra_env: dict[str, str],
+              machine_env: dict[str, Any] | None) -> "Job":
+    """Start one (cell, seed) in its own child with ``extra_env`` (its devices) on top of ours."""
+    job_path = write_job(work_dir, matrix.name, cell.cell_id, seed, cell.axes, cell.config.to_dict(),
+                         env=machine_env)
+    command, env = worker_command(cell.config, job_path, f"{cell.cell_id}-{seed}")
+    if extra_env:
+        env = {**(env or os.environ), **extra_env}
+    return Job.start(job_path, command, env, cell.config.time_limit_s)
+
+
+def write_job(work_dir: Path, matrix: str, cell_id: str, seed: int, axes: dict[str, Any],
+              config: dict[str, Any], tag: str = "", env: dict[str, Any] | None = None) -> Path:
+    """The job file a worker reads (``python -m bench.training.worker JOB``): what to train, where the row goes.
+    ``env``: the machine as the runner sees it, for a row the runner writes when the child leaves none."""
+    stem = f"{cell_id}-{seed}{tag}"
+    job = {"matrix": matrix, "cell_id": cell_id, "seed": seed, "axes": axes, "config": config,
+           "row_path": str(work_dir / f"{stem}.row.json"), "runner_pid": os.getpid(), "env": env}
+    job_path = work_dir / f"{stem}.job.json"
+    write_atomic(job_path, json.dumps(job))
+    return job_path
+
+
+def run_job_file(job_path: Path, command: list[str], env: dict[str, str] | None, limit: float) -> Row:
+    """Run the worker ``command`` on a job file; its row, or a failed row if it left none."""
+    return Job.start(job_path, command, env, limit).wait()
+
+
+@dataclass
+class Job:
+    """One run's child process, from its start until its row is collected."""
+
+    proc: subprocess.Popen
+    record: RunRecord  # for a row the runner writes itself
+    row_path: Path
+    started: float
+    limit: float
+
+    @classmethod
+    def start(cls, job_path: Path, command: list[str], env: dict[str, str] | None, limit: float) -> "Job":
+        job = json.loads(job_path.read_text(encoding="utf-8"))
+        record = RunRecord.for_job(job)
+        record.env = job.get("env")
+        record.start()
+        # Own process group, so a timeout kills the child and anything it started.
+        proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
+        return cls(proc, record, Path(job["row_path"]), time.monotonic(), limit)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.limit
+
+    def wait(self) -> Row:
+        """Block until the child ends or overruns; its row. Ctrl-C stops the child too."""
+        try:
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+                if (row := self.collect()) is not None:
+                    return row
+        except BaseException:  # Ctrl-C or a kill of the parent: take the child down too
+            stop(self.proc)
+            raise
+
+    def collect(self) -> Row | None:
+        """The row of a child that has ended (an overrunning child is stopped first); None while
+        it still runs within its time limit."""
+        code = self.proc.poll()
+        if code is None:
+            if time.monotonic() < self.deadline:
+                return None
+            stop(self.proc)
+            failure = ("timeout", f"exceeded time_limit_s={self.limit:g}")
+        else:
+            failure = None if code == 0 else _describe_exit(code)
+        rows = rows_written(self.row_path)
+        # The first rank to fail names the cause (those after it mostly report a peer that went away),
+        # and says more than the exit code of the launcher that stopped the others.
+        failed_rows = [r for r in rows if r["status"] != "ok"]
+        if failed_rows:
+            return failed_rows[0]
+        if failure is None and rows:
+            return rows[0]
+        status, error = failure or ("error", "child exited without writing a row")
+        self.record.fail(status, error)
+        self.record.finish(time.monotonic() - self.started)
+        return self.record.to_row()
+
+
+def rows_written(row_path: Path) -> list[Row]:
+    """The rows written for one run, oldest first: rank 0's and those of other ranks that failed
+    (``row_path.rankR``). A rank writes its row before it exits, so before any failure it causes."""
+    paths = [p for p in [row_path, *row_path.parent.glob(f"{row_path.name}.rank*")] if p.is_file()]
+    rows = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime_ns):
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            row = json.loads(path.read_text(encoding="utf-8"))
+            if row_problem(row) is None:
+                rows.append(row)
+    return rows
+
+
+def _describe_exit(code: int) -> tuple[str, str]:
+    if code < 0:
+        name = signal.Signals(-code).name
+        # The kernel's OOM killer sends SIGKILL; without a row we cannot tell it from other kills.
+        return ("error", f"child killed by {name}")
+    return ("error", f"child exited with code {code}")
+
+
+@dataclass
+class MatrixOutcome:
+    """What a run of a matrix leaves: the rows written now, and the standing row of every run."""
+
+    written: list[Row]
+    standing: list[Row]  # the latest row of each (cell, seed) of the matrix that has one
+    total: int  # runs in the matrix
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.standing if r["status"] != "ok"]
+
+
+def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False, retry_failed: bool = False,
+               devices: LocalDevices | None = None) -> MatrixOutcome:
+    """Run every (cell, seed) of ``matrix`` without a row from this machine in ``out_dir`` (and, with
+    ``retry_failed``, those whose latest row here is a failure), side by side on ``devices``
+    (default: every visible GPU for CUDA cells, one CPU run at a time). Refuses, writing nothing,
+    a folder of another matrix. Rows of other machines stay in the file and are not resumed."""
+    devices = devices or default_devices(matrix)
+    with termination_as_exception(), exclusive(out_dir):
+        rows_path = out_dir / ROWS_FILE
+        for name in (ROWS_FILE, CSV_FILE, MATRIX_FILE):
+            refuse_link(out_dir / name)
+        if fresh and (moved := move_aside(out_dir)):
+            print(f"moved previous results aside to {', '.join(map(str, moved))}")
+        rows = read_rows(rows_path)
+        write_atomic(out_dir / MATRIX_FILE, json.dumps(check_matrix(out_dir, matrix, rows), indent=1))
+        end_torn_row(rows_path)
+        envs = machine.environments_here({c.config.device for c in matrix.cells}, devices.gpus)
+        here = {machine.fingerprint(env) for env in envs.values()}
+        _print_other_machines(rows, here, rows_path)
+        latest = latest_runs(r for r in rows if machine.row_machine(r) in here)
+        todo = [(c, s) for c, s in matrix.runs() if (c.cell_id, s) not in latest
+                or (retry_failed and latest[c.cell_id, s]["status"] != "ok")]
+        _print_resume(matrix, latest, todo, rows_path, retry_failed)
+        work = fresh_work_dir(out_dir)
+        try:
+            written = LocalRuns(matrix, work, rows_path, devices, envs).run(todo)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        rows = read_rows(rows_path, warn=False)
+        write_csv(rows, out_dir / CSV_FILE)
+    outcome = MatrixOutcome(written, standing_rows(matrix, [r for r in rows if machine.row_machine(r) in here]),
+                            len(matrix.runs()))
+    _print_scaling(matrix, outcome.standing)
+    return outcome
+
+
+def default_devices(matrix: Matrix) -> LocalDevices:
+    """Every visible GPU when some cell runs on CUDA; CPU runs one at a time."""
+    if any(c.config.device == "cuda" for c in matrix.cells):
+        import torch
+
+        return LocalDevices(gpus=tuple(range(torch.cuda.device_count())))
+    return LocalDevices()
+
+
+def standing_rows(matrix: Matrix, rows: list[Row]) -> list[Row]:
+    """The latest row of every (cell, seed) of ``matrix``, in run order; runs without a row are left out."""
+    latest = latest_runs(rows)
+    return [latest[c.cell_id, s] for c, s in matrix.runs() if (c.cell_id, s) in latest]
+
+
+def _print_other_machines(rows: list[Row], here: set[str], rows_path: Path) -> None:
+    others = {key: text for key, text in machine.machines(rows).items() if key not in here}
+    for key, text in others.items():
+        count = sum(machine.row_machine(r) == key for r in rows)
+        print(f"note: {count} rows in {rows_path} were measured on another machine ({key}: {text}); "
+              "kept as reference, not resumed: this machine measures its own")
+
+
+def _print_resume(matrix: Matrix, latest: dict, todo: list, rows_path: Path, retry_failed: bool) -> None:
+    total = len(matrix.runs())
+    if len(todo) == total:
+        return
+    print(f"resuming: {total - len(todo)} of {total} runs already in {rows_path}")
+    kept = sum(latest[c.cell_id, s]["status"] != "ok" for c, s in matrix.runs()
+               if (c.cell_id, s) in latest and (c, s) not in todo)
+    if kept and not retry_failed:
+        print(f"  {kept} of them failed and are not run again (--retry-failed reruns them)")
+
+
+@dataclass
+class Flight:
+    """A run in progress: what it is, where it runs, and whether another run shared its timing."""
+
+    cell: Cell
+    seed: int
+    job: Job
+    placement: Placement
+    shared: bool = False
+
+
+class LocalRuns:
+    """Runs (cell, seed) pairs in round-robin order, as many at once as the devices allow.
+
+    The runner is the only writer of ``cells.jsonl``: children write their row to a file of their
+    own in the work folder, and the runner appends it when the child has ended. A failed run is a
+    row like any other and the others go on; Ctrl-C or SIGTERM stops every child before leaving.
+    """
+
+    POLL_S = 0.05  # how often to look at children when several run
+
+    def __init__(self, matrix: Matrix, work: Path, rows_path: Path, devices: LocalDevices,
+                 envs: dict[int | None, dict[str, Any]]) -> None:
+        self.matrix, self.work, self.rows_path, self.devices, self.envs = matrix, work, rows_path, devices, envs
+        self.pool = DevicePool(devices.gpus, devices.cpu_slots)
+        self.flights: list[Flight] = []
+        self.written: list[Row] = []
+        self.total = len(matrix.runs())
+        self.done_before = self.todo_count = 0
+        self.started = time.monotonic()
+
+    def run(self, todo: list[tuple[Cell, int]]) -> list[Row]:
+        queue = list(todo)
+        self.done_before, self.todo_count = self.total - len(todo), len(todo)
+        try:
+            while queue or self.flights:
+                while queue and (placement := self.pool.place(request_for(queue[0][0].config,
+                                                                          self.devices.shared_timing))):
+                    self._launch(*queue.pop(0), placement)
+                if not self.flights and queue:  # the CLI refuses such a matrix before anything runs
+                    raise RuntimeError(f"{queue[0][0].label()}: needs more GPUs than {self.devices.gpus}")
+                self._wait()
+                for flight in list(self.flights):
+                    if (row := flight.job.collect()) is not None:
+                        self._finish(flight, row)
+        except BaseException:
+            stop_all([f.job.proc for f in self.flights])
+            raise
+        return self.written
+
+    def _launch(self, cell: Cell, seed: int, placement: Placement) -> None:
+        env = self.envs.get(placement.gpus[0] if placement.gpus else None)
+        job = start_run(self.matrix, cell, seed, self.work, child_environment(placement, self.devices.cpu_slots), env)
+        flight = Flight(cell, seed, job, placement)
+        for other in self.flights:  # a CPU run beside any other run: neither one's clock is its own
+            if placement.is_cpu or other.placement.is_cpu:
+                other.shared = flight.shared = True
+        self.flights.append(flight)
+        where = f" on cuda:{','.join(map(str, placement.gpus))}" if placement.gpus else ""
+        print(f"[{self._position():>3}/{self.total}] {cell.label()} seed={seed}{where}"
+              + (f" | {len(self.flights)} in flight" if len(self.flights) > 1 else ""), flush=True)
+
+    def _wait(self) -> None:
+        """Until some child may have ended: block on the only one, or poll several."""
+        if len(self.flights) == 1:
+            job = self.flights[0].job
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.proc.wait(timeout=max(0.0, job.deadline - time.monotonic()))
+        elif self.flights:
+            time.sleep(self.POLL_S)
+
+    def _finish(self, flight: Flight, row: Row) -> None:
+        self.flights.remove(flight)
+        self.pool.release(flight.placement)
+        if flight.shared:
+            row = {**row, "shared_timing": True}
+        append_row(self.rows_path, row)
+        self.written.append(row)
+        done = len(self.written)
+        eta = (time.monotonic() - self.started) / done * (self.todo_count - done)
+        detail = row["error"]
+        if row["status"] == "ok":
+            accuracy = row.get("accuracy_top1")
+            detail = (f"{row['throughput_samples_per_s']:.1f} samples/s, peak "
+                      f"{row['peak_memory_bytes'] / 2**20:.1f} MiB, top-1 "
+                      + ("-" if accuracy is None else f"{accuracy:.3f}"))
+        label = f"{flight.cell.label()} seed={flight.seed}: " if self.may_overlap() else ""
+        print(f"      {label}{row['status']}: {detail} | {_format_duration(row.get('wall_time_s') or 0)}"
+              f" | done {self.done_before + done}/{self.total}"
+              + (f", {len(self.flights)} in flight" if self.flights else "")
+              + f" | ETA {_format_duration(eta)}", flush=True)
+
+    def may_overlap(self) -> bool:
+        """Whether runs may overlap, so that the line of a finished run must name it."""
+        return len(self.devices.gpus) > 1 or self.devices.cpu_slots > 1
+
+    def _position(self) -> int:
+        return self.done_before + len(self.written) + len(self.flights)
+
+
+def _print_scaling(matrix: Matrix, rows: list[Row]) -> None:
+    efficiencies = scaling_efficiency(rows)
+    for cell in matrix.cells:
+        world, efficiency = efficiencies.get(cell.cell_id, (1, None))
+        if world > 1:
+            print(f"scaling efficiency {efficiency:.2f} (throughput / {world} x world_size 1's): {cell.label()}")

@@ -1,0 +1,365 @@
+"""Baselines kept in a repository, and the commands around them.
+
+``trickbench compare BASE NEW`` · ``trickbench baseline record MATRIX -o FILE`` ·
+``trickbench baseline update FILE SOURCE`` · ``trickbench check MATRIX --baseline FILE``.
+
+A baseline file holds, per cell, the exact counters, the run-level timing samples (one value
+per seed) and the environment fingerprint: small JSON with a fixed key order, one value per
+line where it varies, so that an update shows up in review as the few lines that moved.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.regression.compare import (BASELINE_FORMAT, CELL, IMPROVED, METRICS, MISSING, NEW, NOT_COMPARABLE,
+                           REGRESSED, BadInput, CellRecord, Policy, compare_cells, exit_code, load_side,
+                           stale_reason, to_json, to_markdown)
+from bench.store.results import write_atomic
+
+FORMAT_VERSION = 1
+MOVED = (REGRESSED, IMPROVED, NEW, MISSING)  # verdicts that make `baseline update` rewrite a value
+
+
+# ---- the file ----------------------------------------------------------------------------------
+
+def _seed_order(seed: str) -> tuple[int, str]:
+    return (int(seed), seed) if seed.lstrip("-").isdigit() else (0, seed)
+
+
+def baseline_entry(cell: CellRecord) -> dict[str, Any]:
+    """One cell of a baseline file. A value equal on every seed (a counter) is stored once."""
+    seeds = sorted({s for values in cell.values.values() for s in values}, key=_seed_order)
+    metrics: dict[str, Any] = {}
+    for metric in METRICS:
+        values = cell.values.get(metric.name)
+        if not values:
+            continue
+        if set(values) == set(seeds) and len(set(values.values())) == 1:
+            metrics[metric.name] = next(iter(values.values()))
+        else:
+            metrics[metric.name] = {s: values[s] for s in sorted(values, key=_seed_order)}
+    entry = {"label": cell.label, "axes": cell.axes, "seeds": [int(s) if s.lstrip("-").isdigit() else s for s in seeds],
+             "env": cell.env, "metrics": metrics}
+    spreads = {name: cell.spreads[name] for name in metrics if name in cell.spreads}
+    return {**entry, "spreads": spreads} if spreads else entry
+
+
+def baseline_document(cells: dict[str, CellRecord], matrix: str, command: str) -> dict[str, Any]:
+    return {"format": BASELINE_FORMAT, "format_version": FORMAT_VERSION, "matrix": matrix,
+            "recorded_by": command, "cells": {cid: baseline_entry(c) for cid, c in cells.items()}}
+
+
+def write_baseline(document: dict[str, Any], path: Path) -> None:
+    """Whole or not at all, and never through a link (the file is committed to the repository)."""
+    write_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def updated_document(document: dict[str, Any], base: dict[str, CellRecord], new: dict[str, CellRecord],
+                     policy: Policy) -> tuple[dict[str, Any], list[str]]:
+    """The baseline with only what moved beyond its margin rewritten; and a line per change.
+
+    A cell whose environment no longer matches is re-recorded whole (its old numbers describe
+    another machine); a new cell is added; a cell the new results lack is kept.
+    """
+    cells = dict(document["cells"])
+    changes = []
+    verdicts = compare_cells(base, new, policy)
+    by_cell: dict[str, list] = {}
+    for v in verdicts:
+        by_cell.setdefault(v.cell_id, []).append(v)
+    for cell_id, cell_verdicts in by_cell.items():
+        if cell_id not in new or not new[cell_id].values:
+            continue  # missing or failed now: keep what the baseline says
+        fresh = baseline_entry(new[cell_id])
+        if cell_id not in cells or any(v.verdict == NOT_COMPARABLE for v in cell_verdicts):
+            cells[cell_id] = fresh
+            changes.append(f"{cell_id} ({fresh['label']}): whole cell recorded")
+            continue
+        entry = json.loads(json.dumps(cells[cell_id]))
+        for v in cell_verdicts:
+            if v.verdict in MOVED and v.metric != CELL:
+                if v.metric in fresh["metrics"]:
+                    entry["metrics"][v.metric] = fresh["metrics"][v.metric]
+                else:
+                    entry["metrics"].pop(v.metric, None)
+                if v.metric in fresh.get("spreads", {}):  # a count's margin moves with it
+                    entry.setdefault("spreads", {})[v.metric] = fresh["spreads"][v.metric]
+                entry["seeds"] = fresh["seeds"]
+                changes.append(f"{cell_id} ({entry['label']}): {v.metric} {v.base or '-'} -> {v.new or '-'}")
+        cells[cell_id] = entry
+    return {**document, "cells": cells}, changes
+
+
+# ---- running a matrix --------------------------------------------------------------------------
+
+def run_into(matrix_path: str, profile: str | None, out: str | None) -> Path:
+    """Run the matrix from scratch into ``out`` (default: a new temporary folder, kept)."""
+    from bench.config.matrix import load_matrix
+    from bench.execution.runner import run_matrix
+
+    matrix = load_matrix(matrix_path, profile=profile)  # bad input stops us before any run
+    out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"trickbench-{matrix.name}-"))
+    print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds -> {out_dir}", flush=True)
+    run_matrix(matrix, out_dir, fresh=True)  # a check measures this tree: no resumed rows
+    return out_dir
+
+
+def load_source(source: str, profile: str | None, out: str | None,
+                instruction_repeats: int | None = None) -> tuple[dict[str, CellRecord], str]:
+    """Results to judge: a results folder / cells.jsonl as is, or a matrix YAML run now (and,
+    with ``instruction_repeats``, each cell's step counted under valgrind)."""
+    if Path(source).suffix in (".yaml", ".yml"):
+        out_dir = run_into(source, profile, out)
+        cells = load_side(out_dir)
+        if instruction_repeats:
+            from bench.config.matrix import load_matrix
+            from bench.regression.instructions import measure_cells
+
+            matrix = load_matrix(source, profile=profile)
+            measure_cells(cells, {c.cell_id: c.config for c in matrix.cells}, matrix.seeds[0], instruction_repeats,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
+        return cells, str(out_dir)
+    if instruction_repeats:
+        raise BadInput(f"{source}: --instructions counts a matrix's steps: give the matrix YAML, not results")
+    return load_side(source), source
+
+
+def instruction_repeats(args: argparse.Namespace) -> int | None:
+    return args.instruction_repeats if args.instructions else None
+
+
+def without_instructions(cells: dict[str, CellRecord]) -> dict[str, CellRecord]:
+    """A baseline's cells minus instruction counts, when this check does not measure them (so
+    they are not reported missing, nor dropped by an update)."""
+    from bench.regression.instructions import METRIC
+
+    for cell in cells.values():
+        cell.values.pop(METRIC, None)
+    return cells
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(command)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except BadInput as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+def _check_writable(*paths: str | None) -> None:
+    for path in paths:
+        if path and not Path(path).resolve().parent.is_dir():
+            raise BadInput(f"{path}: its folder does not exist")
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    if args.factor <= 1:
+        raise BadInput(f"--factor: {args.factor:g} must be above 1 (e.g. 1.10)")
+    return Policy(factor=args.factor, strict=args.strict)
+
+
+def emit(verdicts: list, base_name: str, new_name: str, args: argparse.Namespace) -> int:
+    """Markdown on stdout (and in the GitHub job summary when there is one), files on request."""
+    markdown = to_markdown(verdicts, base_name, new_name)
+    print(markdown)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(to_json(verdicts, base_name, new_name) + "\n", encoding="utf-8")
+    if summary := os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(markdown + "\n")
+    return exit_code(verdicts)
+
+
+@one_line_errors
+def cmd_compare(args: argparse.Namespace) -> int:
+    _check_writable(args.markdown, args.json)
+    policy = _policy(args)
+    if args.against:
+        from bench.regression.ab import cmd_against
+        from bench.execution.runner import Terminated
+
+        try:
+            return emit(*cmd_against(args, policy), args)
+        except Terminated as stopped:
+            print(f"stopped by {stopped}; the temporary worktree was removed", file=sys.stderr)
+            return 128 + stopped.signum
+    if args.new is None:
+        raise BadInput("compare needs BASE and NEW (or --against REV MATRIX)")
+    if args.profile or args.out or args.runs_per_side:
+        raise BadInput("--profile, --out and --runs-per-side go with --against REV MATRIX only")
+    base, new = load_side(args.base), load_side(args.new)
+    _check_pytest_benchmark_sides(base, new, args, policy)
+    return emit(compare_cells(base, new, policy), args.base, args.new, args)
+
+
+def _check_pytest_benchmark_sides(base: dict[str, CellRecord], new: dict[str, CellRecord],
+                                  args: argparse.Namespace, policy: Policy) -> None:
+    """Refuse pytest-benchmark results against trickbench's; say why a timing verdict is only ``~``."""
+    from bench.regression import pytest_bench
+
+    kinds = [pytest_bench.is_kind(side) for side in (base, new)]
+    if kinds[0] != kinds[1]:
+        raise BadInput(f"{args.base if kinds[0] else args.new}: pytest-benchmark results compare only with "
+                       "pytest-benchmark results, not with trickbench rows or baselines")
+    if kinds[0] and min(map(pytest_bench.runs_per_side, (base, new))) < policy.min_runs:
+        print(f"note: one pytest-benchmark JSON is one run (its rounds share one process); a timing verdict "
+              f"needs {policy.min_runs} files a side: give a folder of them (e.g. .benchmarks/<machine>/)",
+              file=sys.stderr)
+
+
+def _recorded_by(path: str) -> str:
+    if Path(path).suffix == ".json":
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("recorded_by", "trickbench baseline record")
+    return "trickbench baseline record MATRIX -o FILE"
+
+
+@one_line_errors
+def cmd_check(args: argparse.Namespace) -> int:
+    _check_writable(args.markdown, args.json)
+    policy = _policy(args)
+    base = load_side(args.baseline)  # a missing or broken baseline stops us before any run
+    if not args.instructions:
+        base = without_instructions(base)
+    new, new_name = load_source(args.matrix, args.profile, args.out, instruction_repeats(args))
+    verdicts = compare_cells(base, new, policy)
+    code = emit(verdicts, args.baseline, new_name, args)
+    if reason := stale_reason(verdicts):
+        print(f"error: {args.baseline}: no exact counter is comparable ({reason}); "
+              f"re-record the baseline: {_recorded_by(args.baseline)}", file=sys.stderr)
+        return 2
+    if code:
+        print(f"to accept these numbers: trickbench baseline update {args.baseline} {new_name}", file=sys.stderr)
+    return code
+
+
+@one_line_errors
+def cmd_record(args: argparse.Namespace) -> int:
+    _check_writable(args.output)
+    if Path(args.matrix).suffix not in (".yaml", ".yml"):
+        raise BadInput(f"{args.matrix}: expected a matrix YAML file")
+    cells, source = load_source(args.matrix, args.profile, args.out, instruction_repeats(args))
+    failed = [f"{cid}: {note}" for cid, c in cells.items() for note in c.failed]
+    if failed:
+        print(f"error: baseline not written: {len(failed)} runs failed ({failed[0]})", file=sys.stderr)
+        return 1
+    command = shlex.join(["trickbench", "baseline", "record", args.matrix, "-o", args.output]
+                         + (["--profile", args.profile] if args.profile else [])
+                         + (["--instructions", "--instruction-repeats", str(args.instruction_repeats)]
+                            if args.instructions else []))
+    from bench.config.matrix import load_matrix
+
+    matrix_name = load_matrix(args.matrix, profile=args.profile).name
+    write_baseline(baseline_document(cells, matrix_name, command), Path(args.output))
+    print(f"baseline of {len(cells)} cells written to {args.output} (from {source})")
+    return 0
+
+
+@one_line_errors
+def cmd_update(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    path = Path(args.baseline)
+    base = load_side(path)
+    if path.suffix != ".json":
+        raise BadInput(f"{path}: expected a baseline .json file")
+    if not args.instructions:
+        base = without_instructions(base)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    new, source = load_source(args.source, args.profile, args.out, instruction_repeats(args))
+    document, changes = updated_document(document, base, new, policy)
+    for line in changes:
+        print(f"  {line}")
+    if changes:
+        write_baseline(document, path)
+    print(f"{len(changes)} entries rewritten in {path} (from {source})" if changes
+          else f"{path}: nothing moved beyond its margin; unchanged")
+    return 0
+
+
+def _positive(text: str) -> int:
+    from bench.cli.main import positive_int
+
+    return positive_int(text)
+
+
+def _add_judging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help="timing regressions fail too (a dedicated machine); default: warn only")
+    parser.add_argument("--factor", type=float, default=1.10,
+                        help="timing: smallest ratio of run medians that counts (default 1.10)")
+
+
+def _add_outputs(parser: argparse.ArgumentParser) -> None:
+    _add_judging(parser)
+    parser.add_argument("--markdown", metavar="FILE", help="also write the markdown table here")
+    parser.add_argument("--json", metavar="FILE", help="write every verdict as JSON here")
+
+
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
+    parser.add_argument("--out", help="results folder for the runs (default: a new temporary folder)")
+
+
+def _add_instructions(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count the instructions of one training step per cell under valgrind "
+                             "(gated when torch, Python, CPU and valgrind match). Opt-in and off in the "
+                             "project's CI: about 2.5 minutes per cell on a 2-core machine (torch is imported under "
+                             "valgrind), against a 3-minute CI budget. "
+                             "Without valgrind the tier is skipped with a note")
+    parser.add_argument("--instruction-repeats", type=_positive, default=3, metavar="R",
+                        help="counts per cell; their spread sets the margin (default 3)")
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add ``compare``, ``baseline record|update`` and ``check`` to the trickbench command line."""
+    compare = subparsers.add_parser("compare", help="verdicts per (cell, metric): BASE vs NEW results")
+    compare.add_argument("base", metavar="BASE", help="results folder, cells.jsonl, baseline .json, or "
+                         "pytest-benchmark JSON (a file, or a folder of them: one file = one run)")
+    compare.add_argument("new", metavar="NEW", nargs="?",
+                         help="results folder or cells.jsonl (or pytest-benchmark JSON)")
+    compare.add_argument("--against", metavar="REV", help="A/B in this job: run MATRIX (given as BASE) with the "
+                         "git revision REV and with this tree, interleaved, and compare them")
+    compare.add_argument("--runs-per-side", type=_positive, metavar="N",
+                         help="with --against: seeds 0..N-1 instead of the matrix's (timing needs 3)")
+    _add_run(compare)
+    _add_outputs(compare)
+    compare.set_defaults(func=cmd_compare)
+
+    check = subparsers.add_parser("check", help="run a matrix and compare it with a baseline file")
+    check.add_argument("matrix", metavar="MATRIX", help="ablation YAML file (or a results folder)")
+    check.add_argument("--baseline", required=True, help="baseline .json (from `baseline record`)")
+    _add_run(check)
+    _add_instructions(check)
+    _add_outputs(check)
+    check.set_defaults(func=cmd_check)
+
+    baseline = subparsers.add_parser("baseline", help="record or update a baseline file")
+    actions = baseline.add_subparsers(dest="action", required=True)
+    record = actions.add_parser("record", help="run MATRIX and store its numbers as a baseline")
+    record.add_argument("matrix", metavar="MATRIX", help="ablation YAML file")
+    record.add_argument("-o", "--output", required=True, help="baseline .json to write, e.g. baselines/ci-cpu.json")
+    _add_run(record)
+    _add_instructions(record)
+    record.set_defaults(func=cmd_record)
+    update = actions.add_parser("update", help="rewrite only the entries that moved beyond their margin")
+    update.add_argument("baseline", metavar="FILE", help="baseline .json to update in place")
+    update.add_argument("source", metavar="SOURCE", help="results folder, or a matrix YAML to run now")
+    _add_run(update)
+    _add_instructions(update)
+    _add_judging(update)
+    update.set_defaults(func=cmd_update)

@@ -1,0 +1,173 @@
+"""Child process: trains one (cell, seed) and writes its row. ``python -m bench.training.worker JOB.json``.
+
+Everything a run can do to a process (allocator state, autotuning, compile caches, a crash)
+stays in this process. Failures are caught here and written as rows with a status; a death
+without a row is recorded by the parent.
+
+With world_size > 1 torchrun starts this once per rank. Rank 0 (on each node: local rank 0)
+writes the row; another rank that fails writes its own row beside it (``row_path.rankR``) and
+exits non-zero, so that torchrun stops the ranks still waiting for it in a collective.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.parts import distributed
+
+from bench.execution import lifeline
+from bench.config.matrix import TrainConfig
+from bench.training.measure import environment
+from bench.store.results import RunRecord, write_atomic
+from bench.training.train import Diverged, train
+
+
+class StepProgress:
+    """Remembers the last step reached; draws a step counter when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self._drawn = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        self.step = done
+        now = time.monotonic()
+        if self._tty and (now - self._drawn > 0.5 or done == total):
+            self._drawn = now
+            end = "\n" if done == total else ""
+            print(f"\r    step {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+# How allocation failures read when a CPU run hits its address-space cap: PyTorch's CPU
+# allocator, oneDNN (which cannot build a kernel without scratch memory), and C++ new.
+# A shared library that cannot be mapped under the cap fails its import the same way.
+CPU_ALLOCATION_FAILURES = ("can't allocate memory", "could not create a primitive", "bad_alloc",
+                           "Cannot allocate memory", "failed to map segment")
+# Imported lazily by some datasets; under an address-space cap their import fails or, for
+# OpenBLAS (scipy's), spins at 100% CPU retrying its thread buffers. Loaded before the cap.
+LAZY_LIBRARIES = ("sklearn.datasets", "sklearn.model_selection")
+
+
+def classify(error: BaseException) -> str:
+    if isinstance(error, Diverged):
+        return "diverged"
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return "oom"
+    if any(message in str(error) for message in CPU_ALLOCATION_FAILURES):
+        return "oom"
+    return "error"
+
+
+def load_before_cap() -> None:
+    """Import and start what a run would otherwise load under its memory cap: the lazily imported
+    libraries, and torch's intra-op thread pool (each thread maps its stack)."""
+    for name in LAZY_LIBRARIES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    torch.ones(256, 256) @ torch.ones(256, 256)
+
+
+def limit_memory(extra_mb: int) -> None:
+    """Cap this process's address space at what it maps now plus ``extra_mb``.
+
+    Relative to the current size because the CUDA build of torch maps gigabytes of address
+    space at import; an absolute cap would measure the libraries, not the run. Everything the
+    run imports is loaded first, so the cap applies to the run, not to the libraries.
+    """
+    load_before_cap()
+    pages = int(Path("/proc/self/statm").read_text().split()[0])
+    current = pages * resource.getpagesize()
+    cap = current + extra_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def injected_fault() -> Callable[[int], None]:
+    """Test-only fault injection, for tests/test_ddp.py and tests/test_signals.py: TRICKBENCH_FAULT=raise@R (or hang@R)
+    makes rank R raise (or hang) after its first step. Unset, as in every real run: a no-op."""
+    kind, _, at = os.environ.get("TRICKBENCH_FAULT", "").partition("@")
+    if not kind or int(at) != distributed.rank():
+        return lambda step: None
+
+    def fault(step: int) -> None:
+        if kind == "hang":
+            time.sleep(24 * 3600)
+        raise RuntimeError(f"injected fault on rank {distributed.rank()} after step {step} (TRICKBENCH_FAULT)")
+
+    return fault
+
+
+def describe(error: BaseException, status: str, config: TrainConfig, step: int) -> str:
+    """The row's error text: the exception's last line, and what to do when a cap stopped the start."""
+    last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    where = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+    text = f"{where}{type(error).__name__}: {last_line}"
+    if status == "oom" and step == 0 and config.memory_limit_mb is not None:
+        text = (f"memory_limit_mb={config.memory_limit_mb} is too small to start the run (data, model and "
+                f"first step must fit); {text}")
+    return text
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (cell, seed) and return its row; every failure inside the run is a row too."""
+    config = TrainConfig.from_dict(job["config"], file="<job>")
+    device = distributed.rank_device(config.device)
+    record = RunRecord.for_job(job)
+    record.env = environment(device)  # before the memory cap: it starts git
+    progress = StepProgress()
+    fault = injected_fault()
+
+    def on_progress(done: int, total: int) -> None:
+        progress(done, total)
+        fault(done)
+
+    record.start()
+    started = time.perf_counter()
+    try:
+        if config.memory_limit_mb is not None and device.type == "cpu":
+            limit_memory(config.memory_limit_mb)
+        record.metrics = train(config, job["seed"], device, on_progress=on_progress)
+    except Exception as error:  # noqa: BLE001 - every failure becomes data
+        step = error.step if isinstance(error, Diverged) else progress.step
+        status = classify(error)
+        record.fail(status, describe(error, status, config, step), failed_at_step=step)
+    record.finish(time.perf_counter() - started)
+    return record.to_row()
+
+
+def main(argv: list[str]) -> int:
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text())
+    # Exit with the parent (the runner, or torchrun for a rank), even one killed by SIGKILL.
+    lifeline.die_with_parent(signal.SIGKILL)
+    single = job["config"].get("world_size", 1) == 1  # else the parent is torchrun, not the runner
+    lifeline.watch_parent(job.get("runner_pid") if single else None)
+    if job["config"].get("deterministic"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at init
+    with distributed.process_group(distributed.rank_device(job["config"]["device"])):
+        row = run_job(job)
+        failed = row["status"] != "ok"
+        out = Path(job["row_path"])
+        if distributed.local_rank() != 0:
+            if not failed:
+                return 0
+            out = out.with_name(f"{out.name}.rank{distributed.rank()}")
+        write_atomic(out, json.dumps(row, default=str))  # the parent sees a whole row or none
+        if failed and distributed.world_size() > 1:
+            raise SystemExit(1)  # skips the group's teardown; torchrun stops the other ranks
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
