@@ -10,7 +10,7 @@ import pytest
 
 import bench
 from bench.regression import ab
-from bench.regression.compare import BadInput
+from bench.regression.cells import BadInput
 
 MATRIX = """
 name: ab
@@ -50,7 +50,7 @@ def repo(tmp_path):
     git(root, "init", "-q")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "scratch")
-    with open(root / "bench" / "train.py", "a") as f:
+    with open(root / "bench" / "training" / "train.py", "a") as f:
         f.write("# an edit that changes nothing\n")
     return root
 
@@ -87,7 +87,7 @@ def test_an_unknown_revision_is_one_line_exit_2_and_writes_nothing(repo):
 
 @pytest.mark.slow
 def test_an_extra_matmul_in_the_working_tree_fails_against_head(repo):
-    train = repo / "bench" / "train.py"
+    train = repo / "bench" / "training" / "train.py"
     old = "                    loss = F.cross_entropy(model(inputs), targets) / len(micro_batches)"
     assert train.read_text().count(old) == 1
     train.write_text(train.read_text().replace(

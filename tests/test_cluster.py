@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.execution import cluster, submit
+from bench.base.errors import ConfigError
 from bench.cli.main import main
-from bench.config.matrix import ConfigError, load_matrix
+from bench.config.matrix import load_matrix
+from bench.config.slurm import parse_settings
+from bench.execution import cluster, submit
 from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 
@@ -80,15 +82,15 @@ def test_executor_settings_do_not_change_cell_ids(write_matrix):
 def test_runs_a_task_cannot_hold_are_refused(write_matrix):
     matrix = load_matrix(write_matrix(TINY_MATRIX.replace("warmup_steps: 1}", "warmup_steps: 1, time_limit_s: 7200}")))
     with pytest.raises(ConfigError, match=r"slurm\.time_limit_min: 60 min is shorter than time_limit_s 7200"):
-        cluster.check_fits(cluster.parse_settings({"time_limit_min": 60}, "m"), matrix, "m")
+        cluster.check_fits(parse_settings({"time_limit_min": 60}, "m"), matrix, "m")
     # Unset, the task's limit follows the longest run: 7200 s + 10 min of start-up.
-    assert cluster.task_minutes(cluster.parse_settings({}, "m"), matrix) == 130
+    assert cluster.task_minutes(parse_settings({}, "m"), matrix) == 130
 
 
 # --- the job array's parameters ----------------------------------------------------------------------
 
 def test_executor_parameters_per_world_size():
-    settings = cluster.parse_settings({"partition": "gpu", "gpus_per_node": 8, "array_parallelism": 3,
+    settings = parse_settings({"partition": "gpu", "gpus_per_node": 8, "array_parallelism": 3,
                                        "cpus_per_task": 16, "sbatch": {"account": "proj"},
                                        "setup": ["module load cuda"]}, "m")
     params = cluster.executor_parameters(settings, "slurm", "core", 4, "cuda", 70)
@@ -97,7 +99,7 @@ def test_executor_parameters_per_world_size():
                       "slurm_array_parallelism": 3, "slurm_additional_parameters": {"account": "proj"},
                       "slurm_setup": ["module load cuda"]}
     assert "gpus_per_node" not in cluster.executor_parameters(settings, "slurm", "core", 2, "cpu", 70)
-    local = cluster.executor_parameters(cluster.parse_settings({}, "m"), "local", "core", 1, "cpu", 70)
+    local = cluster.executor_parameters(parse_settings({}, "m"), "local", "core", 1, "cpu", 70)
     assert local == {"name": "trickbench-core", "timeout_min": 70, "nodes": 1, "tasks_per_node": 1}
 
 
@@ -181,7 +183,7 @@ def test_cpu_runs_on_slurm_ask_for_no_gpu_and_big_worlds_are_refused(write_matri
 
 
 def test_gpu_array_asks_for_one_gpu_per_rank(tmp_path, fake_slurm):
-    settings = cluster.parse_settings({"partition": "a100"}, "m")
+    settings = parse_settings({"partition": "a100"}, "m")
     params = cluster.executor_parameters(settings, "slurm", "core", 2, "cuda", 30)
     executor = cluster.make_executor("slurm", tmp_path / "sub", settings, params)
     text = executor._executor._make_submission_file_text("python -m x", "uid")  # the sbatch script, unsent
@@ -275,7 +277,7 @@ def test_local_executor_killed_then_resubmitted_matches_sequential_runner(write_
 def test_preempted_task_is_requeued_and_finishes(write_matrix, tmp_path):
     matrix = load_matrix(write_matrix(TINY_MATRIX.replace("seeds: [0, 1]", "seeds: [0]")))
     cell = matrix.cells[0]
-    settings = cluster.parse_settings({}, "m")
+    settings = parse_settings({}, "m")
     params = cluster.executor_parameters(settings, "local", matrix.name, 1, "cpu", 10)
     executor = cluster.make_executor("local", tmp_path / "submitit", settings, params)
     job = executor.submit(submit.task_for(tmp_path, matrix, cell, 0, False))

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from bench.cli.main import main
 from bench.regression import compare as cmp
 from bench.regression.baseline import baseline_document, updated_document
-from bench.cli.main import main
 
 ENV = {"torch": "2.14.1", "device": "cpu", "device_name": "CPU A", "cpu_model": "CPU A",
        "cpu_capability": "AVX2", "cpu_cores": 2, "torch_threads": 2}

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from bench.config.matrix import ConfigError, TrainConfig, load_matrix
+from bench.base.errors import ConfigError
+from bench.config.matrix import load_matrix
+from bench.config.train_config import TrainConfig
 from tests.conftest import TINY_MATRIX
 
 GOOD_BASE = "base: {model: tiny_cnn, dataset: digits, epochs: 1}"
@@ -228,7 +230,7 @@ def test_max_cells_counts_before_expanding_and_yes_lifts_it(write_matrix, capsys
 
 
 def test_minimum_run_length_is_one_named_rule(write_matrix):
-    from bench.config.matrix import MEASUREMENT_STEPS, min_total_steps
+    from bench.parts.clock import MEASUREMENT_STEPS, min_total_steps
 
     assert min_total_steps(3) == 3 + MEASUREMENT_STEPS + 1
     fits = TINY_MATRIX.replace("steps: 6", f"steps: {min_total_steps(1)}")
@@ -251,10 +253,9 @@ def test_dataset_facts_match_the_built_dataset(dataset, extra):
 def test_model_input_check_accepts_what_trains_and_refuses_what_cannot(write_matrix):
     """resnet18 (ImageNet stem) at 32x32 works; alexnet at 32x32 does not (its feature map shrinks
     to nothing): decided by a forward on the meta device, the same verdict as a real forward."""
-    from bench.training.feasibility import _meta_forward
-    from bench.parts.models import build_model
+    from bench.parts.models import build_model, meta_forward_problem
 
-    assert _meta_forward("resnet18", 10, (3, 32, 32), 4) is None
-    assert "too small" in _meta_forward("alexnet", 10, (3, 32, 32), 4)
+    assert meta_forward_problem("resnet18", 10, (3, 32, 32), 4) is None
+    assert "too small" in meta_forward_problem("alexnet", 10, (3, 32, 32), 4)
     with pytest.raises(RuntimeError, match="too small"):  # the real forward agrees
         build_model("alexnet", 10)(torch.zeros(4, 3, 32, 32))

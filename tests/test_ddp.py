@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from bench.base.errors import ConfigError
 from bench.cli.main import main
-from bench.config.matrix import ConfigError, build_train_config, load_matrix
+from bench.config.matrix import load_matrix
+from bench.config.train_config import build_train_config
+from bench.execution.children import WORKER, worker_command
 from bench.parts.distributed import threads_per_rank, unwrap
-from bench.training.memory import track_step_memory
 from bench.store.results import read_rows
-from bench.execution.runner import WORKER, worker_command
-from bench.tricks.spec import RunContext, Trick
+from bench.training.memory import track_step_memory
 from bench.training.train import build_tricks, run_step
+from bench.tricks.spec import RunContext, Trick
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

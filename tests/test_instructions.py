@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.cli.main import main
 from bench.regression import compare as cmp
 from bench.regression import instructions as ins
 from bench.regression.baseline import baseline_document, updated_document, without_instructions
-from bench.cli.main import main
 
 FINGERPRINT = {"torch": "2.14.1", "python": "3.11.9", "cpu_model": "CPU A", "cpu_capability": "AVX2",
                "valgrind": "valgrind-3.19.0", "device": "cpu", "schema_version": 2}
@@ -97,7 +97,7 @@ EXTRA_MATMUL = "_x = torch.ones(256, 256)\n_x @ _x  # injected: an extra matmul 
 
 
 def tiny_config():
-    from bench.config.matrix import TrainConfig
+    from bench.config.train_config import TrainConfig
 
     return TrainConfig.from_dict({"model": "tiny_cnn", "dataset": "synthetic", "image_size": 8, "batch_size": 8,
                                   "num_samples": 64, "num_classes": 10, "steps": 4, "warmup_steps": 0})
@@ -105,8 +105,8 @@ def tiny_config():
 
 def with_extra_matmul(tmp_path: Path) -> Path:
     """A copy of ``bench`` whose training step does one more 256×256 matmul."""
-    shutil.copytree(Path(ins.__file__).parent, tmp_path / "bench")
-    train = tmp_path / "bench" / "train.py"
+    shutil.copytree(Path(ins.__file__).parents[1], tmp_path / "bench")
+    train = tmp_path / "bench" / "training" / "train.py"
     source = train.read_text()
     anchor = "    def compute_grads() -> torch.Tensor:\n"
     assert anchor in source

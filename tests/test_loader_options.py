@@ -30,7 +30,7 @@ def test_workers_without_prefetch_factor_get_torchs_default():
 
 @pytest.mark.parametrize("field, value", [("persistent_workers", True), ("prefetch_factor", 2)])
 def test_worker_options_without_workers_are_refused_at_validation(field, value):
-    from bench.config.matrix import ConfigError
+    from bench.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs num_workers > 0"):
         tiny_config(**{field: value})

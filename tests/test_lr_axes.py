@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bench.cli.main import main
+from bench.parts.schedules import SCHEDULES
 from bench.reports.report import build_report
 from bench.store.results import read_rows
-from bench.parts.schedules import SCHEDULES
 
 MATRIX = """
 name: lr

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from bench.execution import machine
 from bench.cli.main import main
-from bench.regression.compare import load_side
 from bench.config.matrix import load_matrix
+from bench.execution import machine
+from bench.regression.sides import load_side
 from bench.reports.report import build_report, load_results, write_index
 from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX

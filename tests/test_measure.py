@@ -5,8 +5,9 @@ import types
 import pytest
 import torch
 
-from bench.training import measure, train as train_module
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
+from bench.training import measure
+from bench.training import train as train_module
 from bench.training.measure import RunRecorder, datasheet_key
 from bench.training.train import flop_step, memory_step, prepare_run, train
 

@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from bench.training.memory import CATEGORIES, StorageLedger, tensors_held_by, track_step_memory
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
 from bench.tricks.ema import EMA
 from bench.tricks.sam import SAM
+from bench.tricks.spec import RunContext
 
 CPU = torch.device("cpu")
 KIB4 = 1024 * 4  # bytes of 1024 float32

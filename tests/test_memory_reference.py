@@ -20,18 +20,18 @@ from typing import Callable
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.profiler import ProfilerActivity, profile
 
-from bench.training.memory import MemoryReport, track_step_memory
 from bench.parts.models import build_model
-from bench.tricks.spec import RunContext, Trick
+from bench.training.memory import MemoryReport, track_step_memory
 from bench.training.train import run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.checkpointing import Checkpointing
 from bench.tricks.ema import EMA
 from bench.tricks.sam import SAM
+from bench.tricks.spec import RunContext, Trick
 
 CPU = torch.device("cpu")
 MIB = 2**20

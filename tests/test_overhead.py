@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.config.matrix import build_train_config
-from bench.training.measure import StepClock
+from bench.config.train_config import build_train_config
+from bench.parts.clock import StepClock
 from bench.parts.models import build_model
 from bench.training.train import Run, prepare_run
 

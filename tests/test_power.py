@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 
-from bench.regression import power
 from bench.cli.main import main
+from bench.regression import power
 
 
 def aa_rows(step_ms, cell="c"):

@@ -36,8 +36,8 @@ def real_json(tmp_path_factory):
 def scaled(data, factor, **cpu):
     """The run with every time multiplied by ``factor`` (as a slower build would), and ``cpu`` edits."""
     data = copy.deepcopy(data)
-    for bench in data["benchmarks"]:
-        stats = bench["stats"]
+    for entry in data["benchmarks"]:
+        stats = entry["stats"]
         for key in ("min", "max", "mean", "median", "q1", "q3"):
             stats[key] *= factor
         stats["data"] = [t * factor for t in stats["data"]]

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from bench.cli.judging import add_report
 from bench.reports.figures import plot_speedup_heatmap
-from bench.reports.report import add_cli, build_report, md_table, render_report, write_index
+from bench.reports.report import build_report, render_report, write_index
 from bench.reports.stats import all_cell_stats
+from bench.reports.tables import md_table
 
 MIB = 2 ** 20
 FIGURES = ["throughput_vs_memory", "accuracy", "speedup_heatmap", "memory_breakdown", "curves", "step_times"]
@@ -261,7 +263,7 @@ def test_write_index_links_every_report(built, tmp_path, no_figures):
 
 def test_cli_report_and_index(tmp_path, capsys, no_figures):
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    add_report(parser.add_subparsers(dest="command", required=True))
     folder = write_rows(tmp_path / "run", toy_rows()[:3])
     args = parser.parse_args(["report", str(folder)])
     assert args.func(args) == 0 and capsys.readouterr().out.strip() == str(folder / "report.md")

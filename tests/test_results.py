@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from bench.execution import runner
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
+from bench.execution import runner
 from bench.reports.report import build_report, load_results, write_index
-from bench.store.results import (SCHEMA_VERSION, RunRecord, append_row, matrix_record, read_rows, row_problem,
-                           write_atomic)
 from bench.reports.stats import all_cell_stats
+from bench.store.results import (
+    SCHEMA_VERSION,
+    RunRecord,
+    append_row,
+    matrix_record,
+    read_rows,
+    row_problem,
+    write_atomic,
+)
 from tests.conftest import TINY_MATRIX
 from tests.test_report import toy_rows
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from bench.execution import runner
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
+from bench.execution import runner
 from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 
@@ -122,8 +122,8 @@ def test_a_child_that_dies_silently_is_recorded(write_matrix, tmp_path, monkeypa
 
 
 def test_divergence_is_a_status_with_its_step(monkeypatch):
+    from bench.config.train_config import build_train_config
     from bench.training import train as train_module
-    from bench.config.matrix import build_train_config
     from bench.training.worker import run_job
 
     real = train_module.F.cross_entropy

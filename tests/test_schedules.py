@@ -1,6 +1,7 @@
 import pytest
 
-from bench.config.matrix import ConfigError, build_train_config
+from bench.base.errors import ConfigError
+from bench.config.train_config import build_train_config
 from bench.parts.schedules import SCHEDULES, lr_trace
 
 

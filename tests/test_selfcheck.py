@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.diagnostics import selfcheck
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
+from bench.diagnostics import selfcheck
 
 ABLATIONS = Path(__file__).resolve().parent.parent / "ablations"
 CUDA_ONLY = {"memory_reset", "precision_tf32", "tf32_switch", "two_devices", "physics_bf16_speedup"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.execution import runner
 from bench.cli.main import main
+from bench.execution import runner
 from bench.store.results import read_rows
 
 # One cell, two seeds. Under TRICKBENCH_FAULT=hang@0 each child hangs after its first step, so it
@@ -105,7 +105,7 @@ def test_an_orphaned_child_notices_by_polling(tmp_path):
     """Without the kernel's death signal (not Linux, or lost in a race) polling the parent id
     still ends the child: here the parent is a shell that exits at once."""
     started = tmp_path / "started"
-    code = (f"import pathlib, time; from bench import lifeline; lifeline.watch_parent(); "
+    code = (f"import pathlib, time; from bench.parts import lifeline; lifeline.watch_parent(); "
             f"pathlib.Path('{started}').touch(); time.sleep(60)")
     # The shell waits until its child is watching, then exits: the child is orphaned.
     subprocess.run(["sh", "-c", f'"{sys.executable}" -c "{code}" & while [ ! -e {started} ]; do sleep 0.05; done'],

@@ -10,15 +10,14 @@ from itertools import combinations
 
 import pytest
 
-from bench.execution import runner
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
-from bench.store.results import read_rows
+from bench.execution import runner
 from bench.execution.slots import DevicePool, LocalDevices, Placement, Request, child_environment, request_for, too_wide
+from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 from tests.test_results import fake_worker  # noqa: F401 - fixture
 from tests.test_signals import SLOW_MATRIX, assert_lock_free, assert_no_child_left, processes_mentioning, wait_for
-
 
 # --- placement -------------------------------------------------------------------------------------------
 
@@ -192,7 +191,8 @@ def test_ctrl_c_stops_every_run_in_flight(write_matrix, tmp_path):
 def test_shared_timing_is_never_compared(tmp_path, monkeypatch):
     """Rows timed side by side: the report shows their speed but makes no call, and compare says
     NOT COMPARABLE for timing while still judging the exact counters."""
-    from bench.regression.compare import NOT_COMPARABLE, PASS, compare_cells, load_side
+    from bench.regression.compare import NOT_COMPARABLE, PASS, compare_cells
+    from bench.regression.sides import load_side
     from bench.reports.report import build_report
     from tests.test_report import toy_rows, write_rows
 

@@ -7,8 +7,19 @@ import numpy as np
 import pytest
 
 from bench.regression.aa import pooled_step_verdict
-from bench.reports.stats import (MIN_RUNS, all_cell_stats, cell_label, compare_runs, diff_ci, excludes, group_cells,
-                         infer_design, pareto_front, ran_under_load, summarize)
+from bench.reports.stats import (
+    MIN_RUNS,
+    all_cell_stats,
+    cell_label,
+    compare_runs,
+    diff_ci,
+    excludes,
+    group_cells,
+    infer_design,
+    pareto_front,
+    ran_under_load,
+    summarize,
+)
 
 T_975_DF3 = 3.182446305284263  # Student-t 97.5% quantile, 3 degrees of freedom (from tables)
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.training.train import train
 from bench.tricks import TRICKS
 
@@ -124,7 +124,7 @@ def test_same_seed_same_run():
 def test_time_to_target_is_the_first_epoch_reaching_it():
     import torch
 
-    from bench.config.matrix import build_train_config
+    from bench.config.train_config import build_train_config
     from bench.training.train import train
 
     base = {"model": "tiny_cnn", "dataset": "digits", "image_size": 8, "batch_size": 512, "epochs": 2,

@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 
+from bench.base.errors import ConfigError
 from bench.cli.main import main
-from bench.config.matrix import ConfigError, load_matrix
+from bench.config.matrix import load_matrix
 from bench.store.results import read_rows
 from bench.training.train import train
 from bench.tricks import TRICKS

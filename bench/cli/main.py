@@ -6,36 +6,32 @@ run or written: argument errors, environment variables, the matrix, and the outp
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from bench.config.matrix import MAX_CELLS, ConfigError, load_matrix
-from bench.store.results import StoreError
+from bench.base.errors import ConfigError
 from bench.base.safeyaml import shorten
+from bench.cli.args import OneLineParser, device_list, positive_int
+from bench.cli.cluster import add_collect_status, add_run_arguments
+from bench.cli.diagnostics import add_attention_memory, add_diagnose, add_selfcheck
+from bench.cli.judging import add_aa, add_power, add_regression_check, add_report
+from bench.config.matrix import MAX_CELLS, Matrix
+from bench.execution.cluster import check_fits, compute_node_view, settings_for
+from bench.execution.runner import Terminated, default_devices, run_matrix
+from bench.execution.slots import LocalDevices, request_for, too_wide
+from bench.execution.submit import run_matrix_on_cluster
+from bench.parts.data import DATASETS
+from bench.parts.distributed import drop_inherited_rank_variables
+from bench.parts.models import MODELS, torchvision_names
+from bench.reports.stats import scaling_efficiency
+from bench.store.paths import check_out_dir
+from bench.store.results import Row, StoreError
+from bench.training.feasibility import load_runnable_matrix
+from bench.tricks import TRICKS
 
 FAULT_VALUE = re.compile(r"(raise|hang)@\d{1,6}")  # bench.training.worker.injected_fault's format
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error on one line (its default prints the usage block too)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message[:250]} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{shorten(text)} is not an integer >= 1")
-    return value
 
 
 def check_environment() -> None:
@@ -49,7 +45,6 @@ def check_environment() -> None:
     if fault and not FAULT_VALUE.fullmatch(fault):
         raise ConfigError("environment", "TRICKBENCH_FAULT", f"{shorten(fault)} is not raise@RANK or hang@RANK "
                           "(test-only fault injection; unset it)")
-    from bench.parts.distributed import drop_inherited_rank_variables
 
     dropped = drop_inherited_rank_variables()
     if dropped:
@@ -57,40 +52,9 @@ def check_environment() -> None:
               file=sys.stderr)
 
 
-def check_out_dir(path: Path, flag: str = "--out") -> None:
-    """Refuse an output folder that cannot be created or written, without creating anything."""
-    where = f"{flag} {shorten(str(path), 80)}"
-    absolute = Path(os.path.abspath(path))
-    if len(os.fsencode(str(absolute))) >= os.pathconf("/", "PC_PATH_MAX"):
-        raise ConfigError("arguments", where, "path is longer than the filesystem allows")
-    existing = Path(absolute.anchor)  # the deepest folder of the path that exists
-    created = False
-    for part in absolute.parts[1:]:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-        if len(os.fsencode(part)) > name_max:
-            raise ConfigError("arguments", where, f"a name of {len(os.fsencode(part))} bytes is longer than "
-                              f"the filesystem allows ({name_max})")
-        candidate = existing / part
-        if created or not os.path.lexists(candidate):
-            created = True  # from here on the folders would be created
-        elif not candidate.is_dir():
-            problem = "exists and is not a folder" if candidate == absolute else \
-                f"{shorten(str(candidate), 80)} is a file, not a folder"
-            raise ConfigError("arguments", where, problem)
-        else:
-            existing = candidate
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError("arguments", where, f"{shorten(str(existing), 80)} is not writable "
-                          f"({os.strerror(errno.EACCES).lower()})")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.execution.runner import Terminated, run_matrix
-
-    from bench.execution.cluster import compute_node_view
-
     with compute_node_view(args.executor):  # slurm: checked for the GPU nodes, not for this login node
-        matrix = load_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
+        matrix = load_runnable_matrix(args.matrix, profile=args.profile, device=None if args.device == "auto" else args.device,
                              max_cells=None if args.yes else MAX_CELLS)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name
     check_out_dir(out_dir)
@@ -113,32 +77,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         for cell in matrix.cells:
             print(f"  {cell.cell_id}  {cell.label()}")
         return 0
-    if args.executor != "sequential":  # a job array through submitit (bench/submit.py)
+    if args.executor != "sequential":  # a job array through submitit (bench/execution/submit.py)
         return run_on_cluster(args, matrix, out_dir, settings)
     try:
         outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed, devices=devices)
     except Terminated as stopped:
         print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 128 + stopped.signum
+    print_scaling(matrix, outcome.standing)
     return summarize(outcome, out_dir)
-
-
-def device_list(text: str) -> tuple[int, ...]:
-    """``--devices 0,1,3``: distinct GPU indices."""
-    try:
-        indices = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        indices = ()
-    if not indices or min(indices) < 0 or len(set(indices)) != len(indices):
-        raise argparse.ArgumentTypeError(f"{shorten(text)} is not a list of distinct GPU indices such as 0,1,2,3")
-    return indices
 
 
 def local_devices(args: argparse.Namespace, matrix):
     """What the runs may use here, from --devices, --parallel and --shared-timing; ConfigError
     (one line, exit 2, before anything runs) for a choice that cannot work or would corrupt timing."""
-    from bench.execution.runner import default_devices
-    from bench.execution.slots import LocalDevices, request_for, too_wide
 
     if args.parallel > 1 and not args.shared_timing:
         raise ConfigError("arguments", f"--parallel {args.parallel}", "CPU runs side by side share the cores and "
@@ -171,7 +123,6 @@ def cluster_settings(args: argparse.Namespace, matrix):
     if args.devices is not None or args.parallel > 1 or args.shared_timing:
         raise ConfigError("arguments", "--devices/--parallel/--shared-timing", "place runs on this machine "
                           "(the default sequential executor); with --executor the scheduler places them")
-    from bench.execution.cluster import check_fits, settings_for
 
     settings = settings_for(matrix, args.slurm)
     check_fits(settings, matrix, matrix.file)
@@ -179,9 +130,6 @@ def cluster_settings(args: argparse.Namespace, matrix):
 
 
 def run_on_cluster(args: argparse.Namespace, matrix, out_dir: Path, settings) -> int:
-    from bench.execution.runner import Terminated
-    from bench.execution.submit import run_matrix_on_cluster
-
     try:
         outcome = run_matrix_on_cluster(matrix, out_dir, args.executor, settings, fresh=args.fresh,
                                         retry_failed=args.retry_failed, wait=args.wait)
@@ -206,7 +154,6 @@ def summarize(outcome, out_dir: Path) -> int:
 def format_tricks() -> str:
     """Every registered trick: name and description, then its values under them, each line of a
     multi-line ``values_help`` aligned under the first."""
-    from bench.tricks import TRICKS
 
     width = max(len(name) for name in TRICKS.names())
     lines = []
@@ -222,14 +169,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "tricks":
         print(format_tricks())
     elif args.what == "models":
-        from bench.parts.models import MODELS, torchvision_names
-
         for entry in MODELS:
             print(f"{entry.name:<20} {entry.description}")
         print(f"{'<torchvision name>':<20} any torchvision classification model: {', '.join(torchvision_names())}")
     else:
-        from bench.parts.data import DATASETS
-
         for entry in DATASETS:
             print(f"{entry.name:<15} {entry.description}")
     return 0
@@ -254,25 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU runs at once (needs --shared-timing; default 1)")
     run.add_argument("--shared-timing", action="store_true",
                      help="allow --parallel CPU runs; their rows are marked and their timing not compared")
-    from bench.execution import submit
-
-    submit.add_run_arguments(run)  # --executor, --slurm KEY=VALUE, --wait
+    add_run_arguments(run)  # --executor, --slurm KEY=VALUE, --wait
     run.set_defaults(func=cmd_run)
     lister = sub.add_parser("list", help="list registered tricks, models or datasets")
     lister.add_argument("what", choices=["tricks", "models", "datasets"])
     lister.set_defaults(func=cmd_list)
-    from bench.regression import aa, baseline, power
-    from bench.diagnostics import attention_memory, diagnose, selfcheck
-    from bench.reports import report
-
-    report.add_cli(sub)  # report DIR, index RESULTS_DIR
-    diagnose.add_cli(sub)
-    aa.add_cli(sub)
-    baseline.add_cli(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
-    power.add_cli(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
-    submit.add_cli(sub)  # collect DIR, status DIR (cluster runs)
-    selfcheck.add_cli(sub)  # selfcheck --device cuda|cpu: GPU readiness
-    attention_memory.add_cli(sub)  # attention-memory: memory vs sequence length per attention kernel
+    add_report(sub)  # report DIR, index RESULTS_DIR
+    add_diagnose(sub)
+    add_aa(sub)
+    add_regression_check(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
+    add_power(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
+    add_collect_status(sub)  # collect DIR, status DIR (cluster runs)
+    add_selfcheck(sub)  # selfcheck --device cuda|cpu: GPU readiness
+    add_attention_memory(sub)  # attention-memory: memory vs sequence length per attention kernel
     return parser
 
 
@@ -294,3 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def print_scaling(matrix: Matrix, rows: list[Row]) -> None:
+    efficiencies = scaling_efficiency(rows)
+    for cell in matrix.cells:
+        world, efficiency = efficiencies.get(cell.cell_id, (1, None))
+        if world > 1:
+            print(f"scaling efficiency {efficiency:.2f} (throughput / {world} x world_size 1's): {cell.label()}")

@@ -15,7 +15,11 @@ from typing import Any
 
 import torch
 
+from bench.config.train_config import build_train_config
 from bench.parts.models import VIT_TINY_PATCH
+from bench.reports.figures import _pyplot, _save
+from bench.store.paths import check_out_dir
+from bench.training.train import memory_step, prepare_run
 
 KERNELS: dict[str, Any] = {  # label -> the attention trick's value
     "nn.MultiheadAttention": None,
@@ -31,8 +35,6 @@ MIB = 2**20
 
 def measure_point(value: Any, image_size: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
     """Peak and activations at the peak of one tracked training step of vit_tiny."""
-    from bench.config.matrix import build_train_config
-    from bench.training.train import memory_step, prepare_run
 
     config = build_train_config({"model": "vit_tiny", "dataset": "synthetic", "image_size": image_size,
                                  "num_samples": batch_size, "batch_size": batch_size, "steps": 10,
@@ -55,7 +57,6 @@ def measure(image_sizes: tuple[int, ...] = IMAGE_SIZES, batch_size: int = 32) ->
 
 def plot(rows: list[dict[str, Any]], batch_size: int, path: Path) -> Path:
     """Two panels against tokens: the step's peak, and the activations live at that peak."""
-    from bench.reports.figures import _pyplot, _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
@@ -96,9 +97,7 @@ def write(rows: list[dict[str, Any]], batch_size: int, out_dir: Path) -> list[Pa
     return [table, text, plot(rows, batch_size, out_dir / "attention_memory.png")]
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from bench.cli.main import check_out_dir
-
+def cmd_attention_memory(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     check_out_dir(out_dir)
     torch.set_num_threads(1)  # a count, not a timing: no need for the cores others measure on
@@ -108,22 +107,3 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_size(text: str) -> int:
-    """A side length that vit_tiny's patches tile (the argparse type of --image-sizes)."""
-    from bench.cli.main import positive_int
-
-    value = positive_int(text)
-    if value % VIT_TINY_PATCH:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of the patch size {VIT_TINY_PATCH}")
-    return value
-
-
-def add_cli(subparsers: Any) -> None:
-    from bench.cli.main import positive_int
-
-    parser = subparsers.add_parser("attention-memory", help="memory vs sequence length of each attention kernel")
-    parser.add_argument("--out", default="results/attention", help="output folder (default results/attention/)")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--image-sizes", type=image_size, nargs="+", default=list(IMAGE_SIZES),
-                        help="square input sides, multiples of 4 (default 16 32 48 64)")
-    parser.set_defaults(func=_cmd)

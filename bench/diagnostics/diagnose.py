@@ -12,10 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
-from bench.config.matrix import Cell, ConfigError, Matrix, TrainConfig, load_matrix
+from bench.base.errors import ConfigError
 from bench.base.safeyaml import shorten
+from bench.config.matrix import Cell, Matrix
+from bench.config.train_config import TrainConfig
+from bench.diagnostics.layer_stats import (
+    layer_statistics,
+    markdown_table,
+    plot_layer_statistics,
+)
+from bench.diagnostics.lr_finder import find_lr, plot_range_test
 from bench.parts.schedules import SCHEDULES, lr_trace
+from bench.reports.figures import _pyplot, _save
+from bench.store.paths import check_out_dir
+from bench.training.feasibility import load_runnable_matrix
+from bench.training.profiling import profile_steps, write_profile
+from bench.training.train import make_step, prepare_run
 
 PROFILE_STEPS = 3
 
@@ -25,7 +39,6 @@ PROFILE_STEPS = 3
 
 def plot_lr_schedules(total_steps: int, warmup_steps: int, lr: float, path: Path) -> Path:
     """One panel per schedule: LR against optimizer step, without and with linear warmup."""
-    from bench.reports.figures import _pyplot, _save
 
     plt = _pyplot()
     names = list(SCHEDULES)
@@ -59,11 +72,7 @@ class Inspection:
 def inspect_training(config: TrainConfig, seed: int, steps: int, profile: bool = False) -> Inspection:
     """Train ``steps`` steps; read gradients and layer statistics in the last one; then,
     if ``profile``, profile PROFILE_STEPS more (the earlier steps are their warm-up)."""
-    from torch.utils.data import DataLoader
 
-    from bench.diagnostics.layer_stats import layer_statistics
-    from bench.training.profiling import profile_steps
-    from bench.training.train import make_step, prepare_run
 
     run = prepare_run(config, seed, torch.device(config.device))
     loader = DataLoader(run.splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,
@@ -99,8 +108,6 @@ def _cycle(loader: Any):
 
 
 def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> Path:
-    from bench.reports.figures import _pyplot, _save
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(layers)), 5), layout="constrained")
     x = range(len(layers))
@@ -118,9 +125,6 @@ def plot_gradient_flow(layers: list[dict[str, Any]], title: str, path: Path) -> 
 
 def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path,
              profile_trace: bool = False) -> list[Path]:
-    from bench.diagnostics.layer_stats import markdown_table, plot_layer_statistics
-    from bench.training.profiling import write_profile
-
     cell = _find_cell(matrix, cell_id)
     config = cell.config
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +150,6 @@ def diagnose(matrix: Matrix, cell_id: str | None, steps: int, out_dir: Path,
 def lr_finder(matrix: Matrix, cell_id: str | None, min_lr: float, max_lr: float, steps: int,
               out_dir: Path) -> tuple[Path, float]:
     """The LR range test of a cell: its figure and the suggested learning rate."""
-    from bench.diagnostics.lr_finder import find_lr, plot_range_test
 
     cell = _find_cell(matrix, cell_id)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,13 +162,11 @@ def lr_finder(matrix: Matrix, cell_id: str | None, min_lr: float, max_lr: float,
     return path, result.suggested_lr
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from bench.cli.main import check_out_dir
-
+def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.lr_finder and not 0 < args.min_lr < args.max_lr:
         raise ConfigError("arguments", "--min-lr/--max-lr", f"need 0 < min < max, got {args.min_lr:g} and "
                           f"{args.max_lr:g}")
-    matrix = load_matrix(args.matrix, profile=args.profile)
+    matrix = load_runnable_matrix(args.matrix, profile=args.profile)
     out_dir = Path(args.out) if args.out else Path("results") / matrix.name / "diagnostics"
     check_out_dir(out_dir)
     cell = _find_cell(matrix, args.cell)
@@ -190,22 +191,3 @@ def _find_cell(matrix: Matrix, cell_id: str | None) -> Cell:
     return cell
 
 
-def add_cli(subparsers: Any) -> None:
-    from bench.cli.main import positive_int
-
-    parser = subparsers.add_parser("diagnose", help="LR-schedule, gradient-flow and layer-statistics figures of a "
-                                   "cell (and a profiler trace), or an LR range test (--lr-finder)")
-    parser.add_argument("matrix", help="ablation YAML file")
-    parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
-    parser.add_argument("--cell", help="cell id (see run --dry-run); default: the baseline")
-    parser.add_argument("--steps", type=positive_int, default=20, help="training steps before reading gradients")
-    parser.add_argument("--out", help="output folder (default results/<matrix>/diagnostics/)")
-    parser.add_argument("--profile-trace", action="store_true",
-                        help=f"also a torch.profiler Chrome trace of {PROFILE_STEPS} more steps and its top operators")
-    parser.add_argument("--lr-finder", action="store_true", help="LR range test instead: loss-vs-LR figure and "
-                        "a suggested learning rate")
-    parser.add_argument("--min-lr", type=float, default=1e-6, help="lr finder: first learning rate (default 1e-6)")
-    parser.add_argument("--max-lr", type=float, default=10.0, help="lr finder: last learning rate (default 10)")
-    parser.add_argument("--finder-steps", type=positive_int, default=100,
-                        help="lr finder: optimizer steps from min to max lr (default 100)")
-    parser.set_defaults(func=_cmd)

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from bench.reports.figures import _pyplot, _save
+
 KEYS = ("activation_mean", "activation_std", "activation_zero_fraction", "grad_mean", "grad_std", "grad_mean_abs")
 
 
@@ -132,7 +134,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_layer_statistics(rows: list[dict[str, Any]], title: str, path: Any) -> Any:
     """Three panels over the layers: activation std (and |mean|), zero fraction, gradient scale."""
-    from bench.reports.figures import _pyplot, _save
 
     plt = _pyplot()
     x = list(range(len(rows)))

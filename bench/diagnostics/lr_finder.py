@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader
+
+from bench.reports.figures import _pyplot, _save
+from bench.training.train import prepare_run
 
 SMOOTHING = 0.98
 DIVERGENCE_FACTOR = 4.0
@@ -93,7 +97,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def plot_range_test(result: RangeTest, title: str, path: Path) -> Path:
     """Loss (raw and smoothed) against LR on a log axis, with the minimum and the suggestion marked."""
-    from bench.reports.figures import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
@@ -115,9 +118,7 @@ def plot_range_test(result: RangeTest, title: str, path: Path) -> Path:
 def find_lr(config: object, seed: int, min_lr: float, max_lr: float, steps: int) -> RangeTest:
     """The range test on a fresh copy of the run ``config`` describes (its model, data and tricks,
     the schedule left out); nothing of it is kept."""
-    from torch.utils.data import DataLoader
 
-    from bench.training.train import prepare_run
 
     run = prepare_run(config, seed, torch.device(config.device))
     loader = DataLoader(run.splits.train, batch_size=config.per_rank_batch_size, shuffle=True, drop_last=True,

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -25,6 +27,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+
+from bench.base.errors import ConfigError
+from bench.config.train_config import build_train_config
+from bench.execution.children import WORKER, run_job_file, write_job
+from bench.parts.clock import StepClock
+from bench.parts.distributed import wrap
+from bench.store.results import write_atomic
+from bench.training.measure import environment, synchronize
+from bench.training.train import train
+from bench.tricks import TRICKS
+from bench.tricks.precision import set_tf32
 
 # Thresholds. Physics: bf16 tensor cores run at >= 2x fp32 (TF32 off) on every GPU since Ampere;
 # activations stored in 2 bytes instead of 4, less what stays fp32 (BN statistics, the loss).
@@ -74,7 +88,6 @@ class Context:
 def small_config(ctx: Context, **overrides: Any):
     """A short synthetic run: ResNet-18 at 32 px on a GPU, the tiny CNN at 16 px on a CPU (at 8 px and
     batch 16 the fp32-to-bf16 weight copies autocast makes outweigh the activations)."""
-    from bench.config.matrix import build_train_config
 
     base = ({"model": "resnet18_cifar", "image_size": 32, "batch_size": 128, "num_samples": 1024} if ctx.cuda else
             {"model": "tiny_cnn", "image_size": 16, "batch_size": 64, "num_samples": 256})
@@ -83,8 +96,6 @@ def small_config(ctx: Context, **overrides: Any):
 
 
 def train_small(ctx: Context, label: str, **overrides: Any) -> dict[str, Any]:
-    from bench.training.train import train
-
     metrics = train(small_config(ctx, **overrides), seed=0, device=ctx.device)
     ctx.rows[label] = metrics
     return metrics
@@ -94,7 +105,6 @@ def train_small(ctx: Context, label: str, **overrides: Any) -> dict[str, Any]:
 
 def check_clock(ctx: Context) -> Check:
     """The step clock (CUDA events on GPU) against perf_counter around the same synchronized window."""
-    from bench.training.measure import StepClock, synchronize
 
     size = 4096 if ctx.cuda else 256
     a = torch.randn(size, size, device=ctx.device)
@@ -130,7 +140,6 @@ def check_memory_reset(ctx: Context) -> Check:
 
 def check_precision(ctx: Context, precision: str) -> Check:
     """Training steps in this precision end with a finite loss (fp16: through GradScaler)."""
-    from bench.config.matrix import ConfigError
 
     if precision == "tf32" and not ctx.cuda:
         return skipped(f"precision_{precision}", "no CUDA (TF32 is a CUDA tensor-core mode)")
@@ -146,7 +155,6 @@ def check_precision(ctx: Context, precision: str) -> Check:
 
 def matmul_error(device: torch.device, tf32: bool) -> float:
     """Relative error of an fp32 matmul against float64, with TF32 allowed or not."""
-    from bench.tricks.precision import set_tf32
 
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(1024, 1024, generator=g, dtype=torch.float64) for _ in range(2))
@@ -170,16 +178,12 @@ def check_tf32(ctx: Context) -> Check:
 
 
 def check_optional_trick(ctx: Context, name: str, value: Any) -> Check:
-    from bench.tricks import TRICKS
-
     if name not in TRICKS:
         return skipped(name, f"no {name} trick registered in this version")
     return check_precision_like(ctx, name, {name: value})
 
 
 def check_precision_like(ctx: Context, label: str, overrides: dict[str, Any]) -> Check:
-    from bench.config.matrix import ConfigError
-
     try:
         metrics = train_small(ctx, label, **overrides)
     except ConfigError as err:
@@ -196,9 +200,7 @@ def free_port() -> int:
 
 def check_ddp_single_rank(ctx: Context) -> Check:
     """One rank of DistributedDataParallel (nccl on GPU, gloo on CPU): a step and an all-reduce."""
-    import torch.distributed as dist
 
-    from bench.parts.distributed import wrap
 
     backend = "nccl" if ctx.cuda else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -226,9 +228,7 @@ def check_two_devices(ctx: Context) -> Check:
 
 def concurrent_runs(ctx: Context, envs: list[dict[str, str]]) -> list[str]:
     """Start one worker process per environment at the same time; their rows' statuses."""
-    import os
 
-    from bench.execution.runner import WORKER, run_job_file, write_job
 
     work = ctx.out_dir / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -249,8 +249,6 @@ def concurrent_runs(ctx: Context, envs: list[dict[str, str]]) -> list[str]:
 
 
 def resnet50_config(ctx: Context, precision: str):
-    from bench.config.matrix import build_train_config
-
     return build_train_config({"model": "resnet50", "dataset": "synthetic", "image_size": 224, "num_classes": 1000,
                                "num_samples": 512, "batch_size": 64, "steps": 30, "warmup_steps": 5,
                                "device": "cuda", "precision": precision}, "<selfcheck>")
@@ -258,7 +256,6 @@ def resnet50_config(ctx: Context, precision: str):
 
 def check_physics(ctx: Context) -> list[Check]:
     """bf16 against fp32: throughput (GPU, ResNet-50) and activation bytes (any device)."""
-    from bench.training.train import train
 
     if ctx.cuda:
         fp32, bf16 = (train(resnet50_config(ctx, p), seed=0, device=ctx.device) for p in ("fp32", "bf16"))
@@ -321,8 +318,6 @@ def machine_slug(env: dict[str, Any]) -> str:
 
 
 def write_report(out_dir: Path, env: dict[str, Any], results: list[Check], seconds: float) -> None:
-    from bench.store.results import write_atomic
-
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"environment": env, "seconds": seconds, "checks": [asdict(r) for r in results]}
     write_atomic(out_dir / "selfcheck.json", json.dumps(record, indent=1, default=str))
@@ -339,9 +334,6 @@ def write_report(out_dir: Path, env: dict[str, Any], results: list[Check], secon
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:
-    from bench.config.matrix import ConfigError
-    from bench.training.measure import environment
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("arguments", "--device", "cuda is not available on this machine; allowed: cpu")
     device = torch.device(args.device)
@@ -352,7 +344,6 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results = run_checks(Context(device, out_dir))
     with contextlib.suppress(FileNotFoundError):
-        import shutil
 
         shutil.rmtree(out_dir / ".work")
     write_report(out_dir, env, results, time.perf_counter() - started)
@@ -361,8 +352,3 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def add_cli(sub: Any) -> None:
-    check = sub.add_parser("selfcheck", help="exercise every device path (GPU readiness), a few minutes, offline")
-    check.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    check.add_argument("--out", help="folder for selfcheck.json and report.md (default results/gpu-<device name>)")
-    check.set_defaults(func=cmd_selfcheck)

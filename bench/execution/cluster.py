@@ -19,22 +19,42 @@ ids, for ``trickbench status``), ``cluster/submitit/`` (submitit's pickles and l
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from bench.config.matrix import ConfigError, Matrix, _check_keys, _check_value
-from bench.store.results import (CSV_FILE, MATRIX_FILE, ROWS_FILE, Row, StoreError, append_row, end_torn_row,
-                           latest_runs, read_matrix_record, read_rows, refuse_link, row_problem, write_atomic,
-                           write_csv)
+import torch
+
+from bench.base.errors import ConfigError
 from bench.base.safeyaml import shorten
+from bench.config.matrix import Matrix
+from bench.config.slurm import (
+    SETTING_RANGES,
+    ClusterSettings,
+    parse_overrides,
+    parse_settings,
+)
+from bench.config.train_config import TrainConfig
+from bench.execution.children import run_job_file, worker_command, write_job
+from bench.store.results import (
+    CSV_FILE,
+    ROWS_FILE,
+    Row,
+    StoreError,
+    append_row,
+    end_torn_row,
+    latest_runs,
+    read_rows,
+    refuse_link,
+    row_problem,
+    write_atomic,
+    write_csv,
+)
 
 RUNS_DIR = "runs"
 CLUSTER_DIR = "cluster"
@@ -44,85 +64,7 @@ START_UP_MIN = 10  # added to the longest time_limit_s for a task's default SLUR
 POLL_S = 1.0
 
 
-# --- settings -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """The matrix's ``slurm:`` section (and ``--slurm KEY=VALUE``). Field names are the YAML keys."""
-
-    partition: Optional[str] = None
-    gpus_per_node: int = 8  # GPUs of one node: a world_size-W run asks for W of them, so W <= this
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[float] = None
-    time_limit_min: Optional[int] = None  # per task; default: the longest time_limit_s + START_UP_MIN
-    array_parallelism: Optional[int] = None  # tasks running at once; default: SLURM 256, local 1
-    max_requeues: int = 3  # preemptions/timeouts a task is requeued for (submitit's max_num_timeout)
-    sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch options: {account: x, qos: y}
-    setup: tuple[str, ...] = ()  # shell lines before the task (module load, source venv/bin/activate)
-
-
-SETTING_RANGES = {"gpus_per_node": (1, 1024), "cpus_per_task": (1, 4096), "mem_gb": (0.001, 1e6),
-                  "time_limit_min": (1, 366 * 24 * 60), "array_parallelism": (1, 100_000),
-                  "max_requeues": (0, 1000)}
-SETTING_TYPES = {"partition": Optional[str], "gpus_per_node": int, "cpus_per_task": Optional[int],
-                 "mem_gb": Optional[float], "time_limit_min": Optional[int],
-                 "array_parallelism": Optional[int], "max_requeues": int}
-
-
-def parse_settings(data: Any, file: str, where: str = "slurm") -> ClusterSettings:
-    """Validate a ``slurm:`` mapping; ConfigError naming file, key and what is allowed."""
-    allowed = [f.name for f in dataclasses.fields(ClusterSettings)]
-    _check_keys(data if data is not None else {}, allowed, file, where)
-    values: dict[str, Any] = {}
-    for key, value in (data or {}).items():
-        path = f"{where}.{key}"
-        if key == "sbatch":
-            values[key] = _parse_sbatch(value, file, path)
-        elif key == "setup":
-            if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
-                raise ConfigError(file, path, f"expected a list of shell lines, got {shorten(value)}")
-            values[key] = tuple(value)
-        else:
-            values[key] = _check_value(SETTING_TYPES[key], value, file, path)
-            low, high = SETTING_RANGES.get(key, (None, None))
-            if values[key] is not None and low is not None and not low <= values[key] <= high:
-                raise ConfigError(file, path, f"{shorten(value)} is out of range [{low:g}, {high:g}]")
-    return ClusterSettings(**values)
-
-
-def _parse_sbatch(value: Any, file: str, where: str) -> dict[str, Any]:
-    """sbatch long options without the dashes; a value is a string, a number or true (a bare flag)."""
-    if not isinstance(value, dict):
-        raise ConfigError(file, where, f"expected a mapping of sbatch option → value, got {shorten(value)}")
-    for key, option in value.items():
-        if not isinstance(key, str) or not key.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(file, f"{where}.{key}", "not an sbatch option name (letters, digits, - and _)")
-        if key.replace("_", "-") in ("array", "output", "error", "signal", "open-mode"):
-            raise ConfigError(file, f"{where}.{key}", "set by trickbench/submitit; remove it")
-        if not isinstance(option, (str, int, float)) or option is False:
-            raise ConfigError(file, f"{where}.{key}", f"{shorten(option)} is not a string, a number or true")
-    return dict(value)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--slurm KEY=VALUE`` pairs as a mapping; values read as YAML scalars (``2`` is a number)."""
-    import yaml
-
-    merged: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError("--slurm", shorten(pair), "expected KEY=VALUE, e.g. --slurm partition=gpu")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
-        target = merged
-        *parents, leaf = key.split(".")  # sbatch.account=x
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return merged
+# --- settings (bench.config.slurm) -------------------------------------------------------------------------------------------
 
 
 def settings_for(matrix: Matrix, overrides: list[str]) -> ClusterSettings:
@@ -146,7 +88,6 @@ def compute_node_view(executor: str) -> Iterator[None]:
     if executor != "slurm":
         yield
         return
-    import torch
 
     saved = torch.cuda.is_available, torch.cuda.device_count
     torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: SETTING_RANGES["gpus_per_node"][1])
@@ -206,6 +147,7 @@ def executor_parameters(settings: ClusterSettings, kind: str, name: str, world_s
 
 
 def make_executor(kind: str, folder: Path, settings: ClusterSettings, params: dict[str, Any]):
+    # lazy: submitit is needed only with --executor slurm|local
     import submitit
 
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=settings.max_requeues) \
@@ -247,9 +189,6 @@ class RunTask(Checkpointable):
         self.axes, self.config, self.retry_failed = axes, config, retry_failed
 
     def __call__(self) -> Row:
-        from bench.config.matrix import TrainConfig
-        from bench.execution.runner import run_job_file, worker_command, write_job
-
         target = run_file(Path(self.out_dir), self.cell_id, self.seed)
         done = read_run_file(target)
         if done is not None and (done["status"] == "ok" or not self.retry_failed):

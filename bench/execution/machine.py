@@ -18,6 +18,10 @@ import hashlib
 import json
 from typing import Any, Iterable, Optional
 
+import torch
+
+from bench.training.measure import environment
+
 Row = dict[str, Any]
 
 # env fields that determine how fast a run goes; a CPU run's GPU fields are None.
@@ -78,9 +82,7 @@ def rows_of(rows: Iterable[Row], machine: str) -> list[Row]:
 def environments_here(device_types: Iterable[str], gpus: Iterable[int]) -> dict[Optional[int], dict[str, Any]]:
     """This machine's ``env`` as a worker would record it: key None for a CPU run, a GPU index for a
     run whose rank 0 uses that GPU (GPUs of one box may differ)."""
-    import torch
 
-    from bench.training.measure import environment
 
     envs: dict[Optional[int], dict[str, Any]] = {}
     if "cpu" in device_types:

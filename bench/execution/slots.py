@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from bench.config.matrix import TrainConfig
+from bench.config.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -14,29 +14,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.execution import cluster
 from bench.config.matrix import Cell, Matrix
-from bench.store.results import CSV_FILE, MATRIX_FILE, ROWS_FILE, Row, StoreError, latest_runs, read_rows, write_atomic
-from bench.execution.runner import MatrixOutcome, check_matrix, exclusive, move_aside, standing_rows, \
-    termination_as_exception
-
-
-def add_run_arguments(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--executor", choices=cluster.EXECUTORS, default="sequential",
-                     help="sequential (default): here, one run at a time; slurm: one SLURM job array "
-                          "(submitit); local: submitit's local executor")
-    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting of the matrix's slurm: section, e.g. partition=gpu")
-    run.add_argument("--wait", action="store_true", help="--executor slurm: wait for the array and collect")
-
-
-def add_cli(sub: Any) -> None:
-    collect = sub.add_parser("collect", help="merge the per-run files of a cluster run into cells.jsonl")
-    collect.add_argument("dir", help="output folder of `run --executor slurm|local`")
-    collect.set_defaults(func=cmd_collect)
-    status = sub.add_parser("status", help="queued / running / done / failed runs of an output folder")
-    status.add_argument("dir", help="output folder")
-    status.set_defaults(func=cmd_status)
+from bench.config.slurm import ClusterSettings
+from bench.execution import cluster
+from bench.execution.runner import (
+    MatrixOutcome,
+    check_matrix,
+    exclusive,
+    move_aside,
+    standing_rows,
+    termination_as_exception,
+)
+from bench.store.results import (
+    CSV_FILE,
+    MATRIX_FILE,
+    ROWS_FILE,
+    Row,
+    StoreError,
+    latest_runs,
+    read_rows,
+    write_atomic,
+)
 
 
 def todo_runs(matrix: Matrix, rows: list[Row], retry_failed: bool) -> list[tuple[Cell, int]]:
@@ -75,7 +73,7 @@ def groups_by_world_size(todo: list[tuple[Cell, int]]) -> dict[int, list[tuple[C
     return groups
 
 
-def submit_arrays(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], settings: cluster.ClusterSettings,
+def submit_arrays(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], settings: ClusterSettings,
                   retry_failed: bool) -> list[Any]:
     """One submitit job array per world size; their job ids recorded in the folder."""
     folder = out_dir.resolve() / cluster.CLUSTER_DIR / "submitit"
@@ -95,7 +93,7 @@ def submit_arrays(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], s
     return jobs
 
 
-def run_local(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], settings: cluster.ClusterSettings,
+def run_local(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], settings: ClusterSettings,
               retry_failed: bool) -> None:
     """submitit's local executor starts every job at once; keep ``array_parallelism`` (default 1:
     never two timed runs on one device) in flight, and cancel them all on Ctrl-C or SIGTERM."""
@@ -147,7 +145,7 @@ def _print_finished(out_dir: Path, cell: Cell, seed: int, job: Any, finished: in
     print(f"[{finished:>3}/{total}] {cell.label()} seed={seed}: {detail}", flush=True)
 
 
-def run_matrix_on_cluster(matrix: Matrix, out_dir: Path, kind: str, settings: cluster.ClusterSettings,
+def run_matrix_on_cluster(matrix: Matrix, out_dir: Path, kind: str, settings: ClusterSettings,
                           fresh: bool = False, retry_failed: bool = False, wait: bool = False) -> MatrixOutcome | None:
     """Submit the runs of ``matrix`` that have no row; None when submitted without waiting."""
     with termination_as_exception():
@@ -194,6 +192,7 @@ def job_state(kind: str, folder: str, job_id: str) -> str:
     if kind == "local":
         return "running" if _local_controller_alive(job_id) else "ended"
     try:
+        # lazy: submitit is needed only with --executor slurm|local
         import submitit
 
         state = submitit.SlurmJob(folder=folder, job_id=job_id).state.split()[0]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets as tvd
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from bench.base.registry import Registry, did_you_mean
@@ -124,7 +125,10 @@ def build_digits(cfg: Any) -> DatasetSplits:
 
     Preprocessing is batched over all 1797 images at once. Not flip-safe: mirrored digits change meaning.
     """
+    # lazy: scikit-learn costs ~1 s and only the digits dataset needs it
     from sklearn.datasets import load_digits
+
+    # lazy: scikit-learn costs ~1 s and only the digits dataset needs it
     from sklearn.model_selection import train_test_split
 
     size = cfg.image_size or 32
@@ -242,7 +246,6 @@ def _synthetic_facts(cfg: Any) -> DatasetFacts:
 
 def _imagefolder_facts(cfg: Any) -> DatasetFacts:
     """Counts the class folders and image files of data_dir/train (as ImageFolder would find them)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     for split in ("train", "val"):
         if not (Path(cfg.data_dir) / split).is_dir():

@@ -8,7 +8,11 @@ are PyTorch's own ones for the CUDA kernels: the same matrix products.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 aten = torch.ops.aten
 

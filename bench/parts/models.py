@@ -1,14 +1,16 @@
 """Reference models, registered by name, plus every torchvision classification model."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
+import torch
 import torchvision
 from torch import nn
-
 from torchvision.models.vision_transformer import VisionTransformer
 
 from bench.base.registry import Registry
+from bench.base.safeyaml import shorten
 
 VIT_TINY_PATCH = 4
 
@@ -79,3 +81,25 @@ def build_model(name: str, num_classes: int, image_size: int | None = None) -> n
     if name in torchvision_names():
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise KeyError(name)
+
+
+def meta_forward_problem(model_name: str, num_classes: int, shape: tuple[int, int, int], batch: int) -> str | None:
+    """Why a training-mode forward of the model on this input fails (None when it works).
+
+    On the meta device only shapes are computed. An op the meta device does not implement is
+    not the model's fault, so it passes (the run itself will tell).
+    """
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constructors' FutureWarnings would add lines to a refusal
+            model = build_model(model_name, num_classes, image_size=shape[-1]).train()
+            output = model(torch.empty(batch, *shape))
+    except NotImplementedError:
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure of the forward is the answer
+        text = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        return None if "meta" in text.lower() else shorten(text, 120)[1:-1]
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (batch, num_classes):
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        return f"output is {shorten(got)}, not logits of shape ({batch}, {num_classes})"
+    return None

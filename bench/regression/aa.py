@@ -24,9 +24,19 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from bench.cli.main import positive_int
-from bench.store.results import write_atomic
+from bench.execution.children import run_in_child
+from bench.execution.runner import exclusive
 from bench.reports.stats import Row, clean, compare_runs, ran_under_load, run_step_ms
+from bench.store.results import (
+    MATRIX_FILE,
+    ROWS_FILE,
+    append_row,
+    end_torn_row,
+    matrix_record,
+    read_rows,
+    write_atomic,
+)
+from bench.training.feasibility import load_runnable_matrix
 
 # ~5 s per run on a 2-core CPU, most of it starting the interpreter and importing torch.
 DEFAULT_MATRIX = """\
@@ -45,6 +55,7 @@ def pooled_step_verdict(base_rows: list[Row], cell_rows: list[Row], min_effect: 
     """The marks reports used to print: Mann–Whitney U on every step time of every seed pooled,
     and the pooled median moved by ≥ ``min_effect``. Wrong because the steps of one run are not
     independent samples; kept here so the A/A check can show what it claims."""
+    # lazy: scipy costs ~0.3 s and only the statistics need it
     from scipy import stats
 
     a, b = (clean(t for r in rows for t in (r.get("step_times_ms") or [])) for rows in (base_rows, cell_rows))
@@ -100,6 +111,7 @@ def random_splits(n_runs: int, per_group: int, count: int, seed: int = 0) -> lis
 
 def rate(hits: int, total: int) -> dict[str, float]:
     """hits/total with its exact (Clopper–Pearson) 95% binomial interval."""
+    # lazy: scipy costs ~0.3 s and only the statistics need it
     from scipy import stats
 
     if not total:
@@ -171,11 +183,8 @@ def format_result(result: dict[str, Any]) -> str:
 
 def run_aa(matrix_path: Path, profile: str | None, out_dir: Path, runs: int) -> list[Row]:
     """Run the matrix's baseline cell with seeds 0..runs−1, each in its own process; resumable."""
-    from bench.config.matrix import load_matrix
-    from bench.store.results import MATRIX_FILE, ROWS_FILE, append_row, end_torn_row, matrix_record, read_rows
-    from bench.execution.runner import exclusive, run_in_child
 
-    matrix = load_matrix(matrix_path, profile=profile)
+    matrix = load_runnable_matrix(matrix_path, profile=profile)
     cell = matrix.cells[0]
     rows_path = out_dir / ROWS_FILE
     with exclusive(out_dir), tempfile.TemporaryDirectory(prefix="trickbench-aa-") as work:
@@ -193,7 +202,7 @@ def run_aa(matrix_path: Path, profile: str | None, out_dir: Path, runs: int) -> 
         return [r for r in read_rows(rows_path) if r["cell_id"] == cell.cell_id and r["seed"] < runs]
 
 
-def _cmd_aa(args: argparse.Namespace) -> int:
+def cmd_aa(args: argparse.Namespace) -> int:
     if args.runs < 2 * args.per_group:
         print(f"error: --runs {args.runs}: needs at least 2 × --per-group = {2 * args.per_group} runs for "
               "one comparison", file=sys.stderr)
@@ -213,13 +222,3 @@ def _cmd_aa(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: Any) -> None:
-    """Add ``aa`` to the trickbench command line."""
-    aa = subparsers.add_parser("aa", help="A/A check: false-positive rate of the report's marks on this machine")
-    aa.add_argument("matrix", nargs="?", help="matrix YAML whose baseline cell is run (default: a ~5 s tiny_cnn run)")
-    aa.add_argument("--profile", help="a profile of the matrix file")
-    aa.add_argument("--out", default="results/aa", help="folder for cells.jsonl, aa.json and aa.md")
-    aa.add_argument("--runs", type=positive_int, default=90, help="independent runs in all (default 90)")
-    aa.add_argument("--per-group", type=positive_int, default=3, help="runs per 'cell' in one comparison (default 3)")
-    aa.add_argument("--splits", type=positive_int, default=1000, help="random (dependent) splits (default 1000)")
-    aa.set_defaults(func=_cmd_aa)

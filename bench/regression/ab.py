@@ -31,15 +31,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.regression.compare import BadInput, Policy, cells_from_rows, compare_cells
+from bench.execution.children import run_job_file, write_job
+from bench.execution.runner import termination_as_exception
+from bench.regression.cells import BadInput
+from bench.regression.compare import Policy, compare_cells
+from bench.regression.sides import cells_from_rows
+from bench.store.results import append_row
 
-TREE = Path(__file__).resolve().parent.parent  # the tree this code runs from: the "new" side
+TREE = Path(__file__).resolve().parents[2]  # the tree this code runs from: the "new" side
 # ``-c`` puts the current folder first on sys.path (unless -P / PYTHONSAFEPATH, Python 3.11+).
 DROP_CWD = "import sys; getattr(sys.flags, 'safe_path', False) or sys.path.pop(0); "
-WORKER_BOOT = DROP_CWD + "import runpy; runpy.run_module('bench.training.worker', run_name='__main__', alter_sys=True)"
-# Uses only what every revision's bench.config.matrix has: load_matrix, cells, seeds, to_dict.
+# Either revision may predate the layered package (bench.worker, bench.config before it).
+WORKER_BOOT = DROP_CWD + ("import runpy, importlib.util; runpy.run_module('bench.training.worker' if "
+                          "importlib.util.find_spec('bench.training') else 'bench.worker', run_name='__main__', "
+                          "alter_sys=True)")
+# Uses only what every revision's matrix module has: load_matrix, cells, seeds, to_dict.
 EXPAND = DROP_CWD + """import json, bench
-from bench.config.matrix import load_matrix
+try:
+    from bench.config.matrix import load_matrix
+except ModuleNotFoundError:  # a revision before the layered package
+    from bench.config import load_matrix
 m = load_matrix(sys.argv[1], profile=sys.argv[2] or None)
 print(json.dumps({"bench": bench.__file__, "name": m.name, "seeds": list(m.seeds),
                   "cells": [{"cell_id": c.cell_id, "axes": c.axes, "config": c.config.to_dict()} for c in m.cells]}))
@@ -126,7 +137,6 @@ def schedule(pairs: list[Any], seeds: list[int]) -> list[tuple[str, Any, int]]:
 
 def run_side(tree: Path, cell: dict[str, Any], matrix_name: str, seed: int, work: Path, side: str) -> dict[str, Any]:
     """One (cell, seed) trained by ``tree``'s worker in a fresh process; always a row."""
-    from bench.execution.runner import run_job_file, write_job
 
     job = write_job(work, matrix_name, cell["cell_id"], seed, cell["axes"], cell["config"], tag=f"-{side}")
     command = [sys.executable, "-c", WORKER_BOOT, str(job)]
@@ -137,8 +147,6 @@ def run_ab(rev: str, matrix: Path, profile: str | None, runs_per_side: int | Non
            out: Path | None) -> tuple[list, list, str, Path]:
     """Run both sides interleaved into ``out``/{base,new}/cells.jsonl (default: a new temporary
     folder, kept); rows of the base (REV) side carry the new side's cell ids."""
-    from bench.store.results import append_row
-    from bench.execution.runner import termination_as_exception
 
     commit = resolve(rev)
     new = expand(TREE, matrix, profile, "this tree")

@@ -19,10 +19,30 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.regression.compare import (BASELINE_FORMAT, CELL, IMPROVED, METRICS, MISSING, NEW, NOT_COMPARABLE,
-                           REGRESSED, BadInput, CellRecord, Policy, compare_cells, exit_code, load_side,
-                           stale_reason, to_json, to_markdown)
+from bench.config.matrix import load_matrix
+from bench.execution.runner import Terminated, run_matrix
+from bench.regression import pytest_bench
+from bench.regression.ab import cmd_against
+from bench.regression.cells import BASELINE_FORMAT, BadInput, CellRecord
+from bench.regression.compare import (
+    CELL,
+    IMPROVED,
+    METRICS,
+    MISSING,
+    NEW,
+    NOT_COMPARABLE,
+    REGRESSED,
+    Policy,
+    compare_cells,
+    exit_code,
+    stale_reason,
+    to_json,
+    to_markdown,
+)
+from bench.regression.instructions import METRIC, measure_cells
+from bench.regression.sides import load_side
 from bench.store.results import write_atomic
+from bench.training.feasibility import load_runnable_matrix
 
 FORMAT_VERSION = 1
 MOVED = (REGRESSED, IMPROVED, NEW, MISSING)  # verdicts that make `baseline update` rewrite a value
@@ -102,10 +122,8 @@ def updated_document(document: dict[str, Any], base: dict[str, CellRecord], new:
 
 def run_into(matrix_path: str, profile: str | None, out: str | None) -> Path:
     """Run the matrix from scratch into ``out`` (default: a new temporary folder, kept)."""
-    from bench.config.matrix import load_matrix
-    from bench.execution.runner import run_matrix
 
-    matrix = load_matrix(matrix_path, profile=profile)  # bad input stops us before any run
+    matrix = load_runnable_matrix(matrix_path, profile=profile)  # bad input stops us before any run
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"trickbench-{matrix.name}-"))
     print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds -> {out_dir}", flush=True)
     run_matrix(matrix, out_dir, fresh=True)  # a check measures this tree: no resumed rows
@@ -120,10 +138,7 @@ def load_source(source: str, profile: str | None, out: str | None,
         out_dir = run_into(source, profile, out)
         cells = load_side(out_dir)
         if instruction_repeats:
-            from bench.config.matrix import load_matrix
-            from bench.regression.instructions import measure_cells
-
-            matrix = load_matrix(source, profile=profile)
+            matrix = load_runnable_matrix(source, profile=profile)
             measure_cells(cells, {c.cell_id: c.config for c in matrix.cells}, matrix.seeds[0], instruction_repeats,
                           log=lambda line: print(line, file=sys.stderr, flush=True))
         return cells, str(out_dir)
@@ -139,7 +154,6 @@ def instruction_repeats(args: argparse.Namespace) -> int | None:
 def without_instructions(cells: dict[str, CellRecord]) -> dict[str, CellRecord]:
     """A baseline's cells minus instruction counts, when this check does not measure them (so
     they are not reported missing, nor dropped by an update)."""
-    from bench.regression.instructions import METRIC
 
     for cell in cells.values():
         cell.values.pop(METRIC, None)
@@ -190,9 +204,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _check_writable(args.markdown, args.json)
     policy = _policy(args)
     if args.against:
-        from bench.regression.ab import cmd_against
-        from bench.execution.runner import Terminated
-
         try:
             return emit(*cmd_against(args, policy), args)
         except Terminated as stopped:
@@ -210,7 +221,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _check_pytest_benchmark_sides(base: dict[str, CellRecord], new: dict[str, CellRecord],
                                   args: argparse.Namespace, policy: Policy) -> None:
     """Refuse pytest-benchmark results against trickbench's; say why a timing verdict is only ``~``."""
-    from bench.regression import pytest_bench
 
     kinds = [pytest_bench.is_kind(side) for side in (base, new)]
     if kinds[0] != kinds[1]:
@@ -261,7 +271,6 @@ def cmd_record(args: argparse.Namespace) -> int:
                          + (["--profile", args.profile] if args.profile else [])
                          + (["--instructions", "--instruction-repeats", str(args.instruction_repeats)]
                             if args.instructions else []))
-    from bench.config.matrix import load_matrix
 
     matrix_name = load_matrix(args.matrix, profile=args.profile).name
     write_baseline(baseline_document(cells, matrix_name, command), Path(args.output))
@@ -290,76 +299,3 @@ def cmd_update(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    from bench.cli.main import positive_int
-
-    return positive_int(text)
-
-
-def _add_judging(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strict", action="store_true",
-                        help="timing regressions fail too (a dedicated machine); default: warn only")
-    parser.add_argument("--factor", type=float, default=1.10,
-                        help="timing: smallest ratio of run medians that counts (default 1.10)")
-
-
-def _add_outputs(parser: argparse.ArgumentParser) -> None:
-    _add_judging(parser)
-    parser.add_argument("--markdown", metavar="FILE", help="also write the markdown table here")
-    parser.add_argument("--json", metavar="FILE", help="write every verdict as JSON here")
-
-
-def _add_run(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", help="a profile of the matrix file, e.g. cpu")
-    parser.add_argument("--out", help="results folder for the runs (default: a new temporary folder)")
-
-
-def _add_instructions(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--instructions", action="store_true",
-                        help="also count the instructions of one training step per cell under valgrind "
-                             "(gated when torch, Python, CPU and valgrind match). Opt-in and off in the "
-                             "project's CI: about 2.5 minutes per cell on a 2-core machine (torch is imported under "
-                             "valgrind), against a 3-minute CI budget. "
-                             "Without valgrind the tier is skipped with a note")
-    parser.add_argument("--instruction-repeats", type=_positive, default=3, metavar="R",
-                        help="counts per cell; their spread sets the margin (default 3)")
-
-
-def add_cli(subparsers: Any) -> None:
-    """Add ``compare``, ``baseline record|update`` and ``check`` to the trickbench command line."""
-    compare = subparsers.add_parser("compare", help="verdicts per (cell, metric): BASE vs NEW results")
-    compare.add_argument("base", metavar="BASE", help="results folder, cells.jsonl, baseline .json, or "
-                         "pytest-benchmark JSON (a file, or a folder of them: one file = one run)")
-    compare.add_argument("new", metavar="NEW", nargs="?",
-                         help="results folder or cells.jsonl (or pytest-benchmark JSON)")
-    compare.add_argument("--against", metavar="REV", help="A/B in this job: run MATRIX (given as BASE) with the "
-                         "git revision REV and with this tree, interleaved, and compare them")
-    compare.add_argument("--runs-per-side", type=_positive, metavar="N",
-                         help="with --against: seeds 0..N-1 instead of the matrix's (timing needs 3)")
-    _add_run(compare)
-    _add_outputs(compare)
-    compare.set_defaults(func=cmd_compare)
-
-    check = subparsers.add_parser("check", help="run a matrix and compare it with a baseline file")
-    check.add_argument("matrix", metavar="MATRIX", help="ablation YAML file (or a results folder)")
-    check.add_argument("--baseline", required=True, help="baseline .json (from `baseline record`)")
-    _add_run(check)
-    _add_instructions(check)
-    _add_outputs(check)
-    check.set_defaults(func=cmd_check)
-
-    baseline = subparsers.add_parser("baseline", help="record or update a baseline file")
-    actions = baseline.add_subparsers(dest="action", required=True)
-    record = actions.add_parser("record", help="run MATRIX and store its numbers as a baseline")
-    record.add_argument("matrix", metavar="MATRIX", help="ablation YAML file")
-    record.add_argument("-o", "--output", required=True, help="baseline .json to write, e.g. baselines/ci-cpu.json")
-    _add_run(record)
-    _add_instructions(record)
-    record.set_defaults(func=cmd_record)
-    update = actions.add_parser("update", help="rewrite only the entries that moved beyond their margin")
-    update.add_argument("baseline", metavar="FILE", help="baseline .json to update in place")
-    update.add_argument("source", metavar="SOURCE", help="results folder, or a matrix YAML to run now")
-    _add_run(update)
-    _add_instructions(update)
-    _add_judging(update)
-    update.set_defaults(func=cmd_update)

@@ -23,85 +23,30 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
-from bench.store.results import MEMORY_CATEGORIES
-from bench.reports.stats import ALPHA, CONFIDENCE, MIN_RUNS, ran_under_load, welch  # the report's rules, shared
+from bench.regression.cells import (
+    FINGERPRINT,
+    METRICS,
+    MIXED,
+    SAME_NUMERICS,
+    CellRecord,
+    Metric,
+)
+from bench.regression.instructions import margin
+from bench.reports.stats import (  # the report's rules, shared
+    ALPHA,
+    CONFIDENCE,
+    MIN_RUNS,
+    welch,
+)
 
 PASS, REGRESSED, IMPROVED, NOISE = "PASS", "REGRESSED", "IMPROVED", "~"
 NOT_COMPARABLE, NEW, MISSING = "NOT COMPARABLE", "NEW", "MISSING"
 CELL = "(cell)"  # the metric name of a verdict about a whole cell (missing, new, failed)
-MIXED = "<mixed>"  # a fingerprint value that differs between the runs of one cell
-BASELINE_FORMAT = "trickbench-baseline"
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One judged quantity: ``name`` is its dotted path in a row; ``tolerance`` is relative
-    (timing: the factor minus one); ``tolerance_across`` applies to exact metrics when the
-    numerics differ (another CPU capability, or a GPU), e.g. a loss that is bit-exact only on
-    the same instruction set."""
-
-    name: str
-    tier: str
-    better: str  # "lower" or "higher"
-    tolerance: float = 0.0
-    tolerance_across: float | None = None
-
-
-# The one list of judged metrics (memory_breakdown's parts come from the row schema).
-METRICS: tuple[Metric, ...] = (
-    Metric("flops_per_step", "exact", "lower"),
-    Metric("peak_memory_bytes", "exact", "lower"),
-    *(Metric(f"memory_breakdown.{part}", "exact", "lower") for part in MEMORY_CATEGORIES),
-    Metric("steps", "exact", "lower"),  # optimizer steps of the run
-    Metric("final_train_loss", "exact", "lower", 0.0, tolerance_across=1e-3),
-    Metric("step_time_ms_median", "timing", "lower", 0.10),
-    Metric("throughput_samples_per_s", "timing", "higher", 0.10),
-    Metric("benchmark_median_s", "timing", "lower", 0.10),  # pytest-benchmark JSON (bench.regression.pytest_bench)
-    Metric("accuracy_top1", "accuracy", "higher"),
-    Metric("instructions_per_step", "instructions", "lower"),  # margin: bench.regression.instructions.margin
-)
-TIERS = ("exact", "timing", "accuracy", "instructions")
-
-# Where the environment must match for a tier's numbers to mean the same thing. Timing needs
-# the same machine (not the same hostname: CI runners are ephemeral); exact counters need the
-# same torch and the same measurement schema; accuracy is judged against the seeds' spread.
-# runtime/platform (Python, OS) come from pytest-benchmark's machine_info; rows lack them.
-FINGERPRINT: dict[str, tuple[str, ...]] = {
-    "exact": ("schema_version", "torch", "device"),
-    "timing": ("schema_version", "torch", "device", "device_name", "cpu_model", "cpu_capability",
-               "cpu_cores", "torch_threads", "runtime", "platform"),
-    "accuracy": ("device",),
-    # Counts change with the code that runs (torch, CPython, the kernels for this CPU) and the counter.
-    "instructions": ("torch", "python", "cpu_model", "cpu_capability", "valgrind"),
-}
-SAME_NUMERICS = ("device_name", "cpu_capability")  # exact tier: bit-exact loss needs these too
-ENV_KEYS = tuple(dict.fromkeys(k for keys in FINGERPRINT.values() for k in keys + SAME_NUMERICS))
-
-
-class BadInput(Exception):
-    """An input that cannot be compared: reported on one line, exit code 2."""
-
-
-@dataclass
-class CellRecord:
-    """What a side knows about one cell: per metric, a value per seed (str keys, as in JSON)."""
-
-    cell_id: str
-    label: str
-    axes: dict[str, Any]
-    env: dict[str, Any]
-    values: dict[str, dict[str, float]] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)  # "status seed=N: error" of failed runs
-    spreads: dict[str, float] = field(default_factory=dict)  # metric → measured relative spread
-    under_load: int = 0  # ok runs whose timing ran under competing load (bench.reports.stats.ran_under_load)
-    shared_timing: int = 0  # ok runs that ran beside other runs on the same CPU (run --shared-timing)
 
 
 @dataclass
@@ -127,118 +72,6 @@ class Verdict:
 
 
 # ---- reading the two sides -------------------------------------------------------------------
-
-def lookup(row: dict[str, Any], dotted: str) -> Any:
-    value: Any = row
-    for part in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
-def _as_dict(row: Any) -> dict[str, Any]:
-    if isinstance(row, dict):
-        return row
-    return row.to_dict() if hasattr(row, "to_dict") else asdict(row)
-
-
-def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, CellRecord]:
-    """Group rows by cell; ok runs give values, failed runs are listed; env fields of a cell's
-    runs that disagree become ``MIXED`` (a folder resumed on another machine)."""
-    cells: dict[str, CellRecord] = {}
-    envs: dict[str, list[dict[str, Any]]] = {}
-    for number, raw in enumerate(rows, 1):
-        row = _as_dict(raw)
-        if "cell_id" not in row or "seed" not in row:
-            raise BadInput(f"{source}: row {number}: no 'cell_id'/'seed' (not a trickbench results row)")
-        axes = row.get("axes") or {}
-        cell = cells.setdefault(row["cell_id"], CellRecord(
-            row["cell_id"], " ".join(f"{k}={json.dumps(v)}" for k, v in axes.items()) or row["cell_id"], axes, {}))
-        if row.get("status") != "ok":
-            cell.failed.append(f"{row.get('status')} seed={row['seed']}: {row.get('error')}")
-            continue
-        cell.under_load += bool(ran_under_load(row))
-        cell.shared_timing += bool(row.get("shared_timing"))
-        envs.setdefault(cell.cell_id, []).append({"schema_version": row.get("schema_version"),
-                                                  **(row.get("env") or {})})
-        for metric in METRICS:
-            value = lookup(row, metric.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                cell.values.setdefault(metric.name, {})[str(row["seed"])] = value
-    for cell_id, cell_envs in envs.items():
-        cells[cell_id].env = {k: _common(e.get(k) for e in cell_envs) for k in ENV_KEYS
-                              if any(k in e for e in cell_envs)}
-    return cells
-
-
-def _common(values: Iterable[Any]) -> Any:
-    distinct = list(dict.fromkeys(json.dumps(v) for v in values))
-    return json.loads(distinct[0]) if len(distinct) == 1 else MIXED
-
-
-def cells_from_baseline(data: dict[str, Any], source: str) -> dict[str, CellRecord]:
-    """A baseline file's cells; a scalar value stands for every recorded seed."""
-    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
-        raise BadInput(f"{source}: format: not a trickbench baseline (expected '{BASELINE_FORMAT}')")
-    if not isinstance(data.get("cells"), dict):
-        raise BadInput(f"{source}: cells: missing or not a mapping of cell_id to entries")
-    cells = {}
-    for cell_id, entry in data["cells"].items():
-        try:
-            seeds = [str(s) for s in entry["seeds"]]
-            values = {name: dict(v) if isinstance(v, dict) else {s: v for s in seeds}
-                      for name, v in entry["metrics"].items()}
-            cells[cell_id] = CellRecord(cell_id, entry.get("label", cell_id), entry.get("axes", {}),
-                                        entry.get("env", {}), values, failed=list(entry.get("failed", [])),
-                                        spreads={k: float(v) for k, v in entry.get("spreads", {}).items()})
-        except (KeyError, TypeError, AttributeError) as err:
-            raise BadInput(f"{source}: cells.{cell_id}: malformed entry ({type(err).__name__}: {err}); "
-                           "needs seeds, metrics, env") from None
-    return cells
-
-
-def load_side(path: str | Path) -> dict[str, CellRecord]:
-    """A results folder (its cells.jsonl), a cells.jsonl file, a baseline JSON file, or
-    pytest-benchmark JSON: one file, or a folder of them (one file = one run)."""
-    from bench.regression import pytest_bench
-    from bench.store.results import ROWS_FILE, read_rows
-
-    path = Path(path)
-    if not path.exists():
-        raise BadInput(f"{path}: no such file or directory")
-    if path.is_dir():
-        if not (path / ROWS_FILE).exists():
-            if (runs := pytest_bench.load_folder(path)) is not None:
-                return runs
-            raise BadInput(f"{path}: no {ROWS_FILE} and no pytest-benchmark JSON here (not a results folder)")
-        path = path / ROWS_FILE
-    if path.suffix == ".json":
-        data = pytest_bench.read_json(path)
-        if pytest_bench.is_pytest_benchmark(data):
-            return pytest_bench.cells_from_runs([(str(path), data)])
-        cells = cells_from_baseline(data, str(path))
-    else:
-        cells = cells_from_rows(one_machine(read_rows(path), path), str(path))
-    if not cells:
-        raise BadInput(f"{path}: no rows to compare")
-    return cells
-
-
-def one_machine(rows: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
-    """The rows of the machine that wrote the last row: a folder resumed on new hardware keeps the
-    old machine's rows as reference data, and comparing pooled machines would compare nothing."""
-    from bench.execution import machine
-
-    found = machine.machines(rows)
-    if len(found) <= 1:
-        return rows
-    latest = machine.latest_machine(rows)
-    left = {key: text for key, text in found.items() if key != latest}
-    print(f"warning: {source}: comparing the rows of machine {latest} ({found[latest]}); rows of "
-          f"{len(left)} other machine(s) left out: {'; '.join(f'{k} ({t})' for k, t in left.items())}",
-          file=sys.stderr)
-    return machine.rows_of(rows, latest)
 
 
 # ---- the rules -------------------------------------------------------------------------------
@@ -343,7 +176,6 @@ def judge_instructions(metric: Metric, base: dict[str, float], new: dict[str, fl
                        base_spread: float | None, new_spread: float | None) -> Verdict:
     """Medians of the counts; beyond the margin either way fails (an unexplained improvement
     too, as in the exact tier): on the same fingerprint, only a code change moves a count."""
-    from bench.regression.instructions import margin
 
     b, n = statistics.median(base.values()), statistics.median(new.values())
     tolerance = margin(base_spread, new_spread)

@@ -21,6 +21,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from bench.config.train_config import TrainConfig
+from bench.training.measure import _cpu_model
+from bench.training.train import endless_batches, prepare_run
+
 METRIC = "instructions_per_step"
 SKIPPED = "valgrind not found: instruction tier skipped"
 # Why these two numbers: repeats within one process agree to ~0.01%, but a baseline is compared
@@ -43,7 +47,6 @@ def valgrind_version() -> str | None:
 
 def fingerprint() -> dict[str, Any]:
     """What must match for two counts to be compared: the code that runs and the CPU it takes."""
-    from bench.training.measure import _cpu_model
 
     return {"torch": torch.__version__, "python": platform.python_version(), "cpu_model": _cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "valgrind": valgrind_version()}
@@ -52,8 +55,6 @@ def fingerprint() -> dict[str, Any]:
 def prepared_step(config_json: str, seed: int) -> Callable[[], torch.Tensor]:
     """The step to count: a run of ``config`` on CPU, one batch, one warm-up step already taken
     (lazy init, the optimizer's state, first-call dispatch are not counted)."""
-    from bench.config.matrix import TrainConfig
-    from bench.training.train import endless_batches, prepare_run
 
     cpu = torch.device("cpu")
     run = prepare_run(TrainConfig.from_dict(json.loads(config_json)), seed, cpu)
@@ -84,11 +85,12 @@ def count_step_instructions(config: Any, seed: int = 0, repeats: int = 3, root: 
     """Instructions of one training step of ``config`` (a TrainConfig), counted ``repeats``
     times in one valgrind process, one thread. ``root``: the folder whose ``bench`` the child
     imports (default: this one; a test points it at a mutated copy)."""
+    # lazy: only the instructions tier (valgrind) needs it
     from torch.utils.benchmark import Timer
 
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} must be at least 1")
-    root = Path(root) if root else Path(__file__).resolve().parent.parent
+    root = Path(root) if root else Path(__file__).resolve().parents[2]
     setup = f"from bench.regression.instructions import prepared_step\nstep = prepared_step({json.dumps(config.to_dict())!r}, {seed})"
     with _child_environment(root):
         stats = Timer(stmt="step()", setup=setup, num_threads=1).collect_callgrind(

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bench.regression.aa import disjoint_splits, jackknife_se, random_splits, rate
-from bench.regression.compare import IMPROVED, METRICS, REGRESSED, BadInput, Policy, judge_timing
+from bench.regression.cells import BadInput
+from bench.regression.compare import IMPROVED, METRICS, REGRESSED, Policy, judge_timing
 from bench.reports.stats import Row
+from bench.store.results import ROWS_FILE, read_rows
 
 TIMING = {m.name: m for m in METRICS if m.tier == "timing"}
 SLOWDOWNS = (0.05, 0.10, 0.15, 0.20, 0.30, 0.50)
@@ -140,9 +142,7 @@ def format_power(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cmd_power(args: argparse.Namespace) -> int:
-    from bench.store.results import ROWS_FILE, read_rows
-
+def cmd_power(args: argparse.Namespace) -> int:
     path = Path(args.results)
     path = path / ROWS_FILE if path.is_dir() else path
     try:
@@ -168,16 +168,3 @@ def _cmd_power(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers: Any) -> None:
-    """Add ``power`` to the trickbench command line."""
-    from bench.cli.main import positive_int
-
-    power = subparsers.add_parser("power", help="false alarms and power of compare's timing tier on A/A runs")
-    power.add_argument("results", metavar="RESULTS", help="A/A results folder (from `trickbench aa`) or cells.jsonl")
-    power.add_argument("--per-group", type=positive_int, nargs="+", default=[3, 5], help="runs a side (default 3 5)")
-    power.add_argument("--slowdowns", type=float, nargs="+", default=list(SLOWDOWNS),
-                       help="injected slowdowns, 0.1 = 10%% slower (default 0.05 0.1 0.15 0.2 0.3 0.5)")
-    power.add_argument("--splits", type=positive_int, default=1000, help="random (dependent) draws (default 1000)")
-    power.add_argument("--factor", type=float, default=1.10, help="the timing tier's factor (default 1.10)")
-    power.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    power.set_defaults(func=_cmd_power)

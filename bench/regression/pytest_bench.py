@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.regression.compare import MIXED, BadInput, CellRecord, _common, ENV_KEYS
+from bench.regression.cells import ENV_KEYS, MIXED, BadInput, CellRecord, common_value
 
 KIND = "pytest-benchmark"  # the schema_version of its cells: never comparable with trickbench rows
 METRIC = "benchmark_median_s"
@@ -75,7 +75,7 @@ def cells_from_runs(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, CellRec
             cell.values.setdefault(METRIC, {})[run] = median
             envs.setdefault(fullname, []).append(env)
     for fullname, cell_envs in envs.items():
-        cells[fullname].env = {k: _common(e.get(k) for e in cell_envs) for k in ENV_KEYS}
+        cells[fullname].env = {k: common_value(e.get(k) for e in cell_envs) for k in ENV_KEYS}
     return cells
 
 

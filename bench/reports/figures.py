@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.reports.stats import MEMORY_COMPONENTS, Row, axis_key, axis_values, mean_where, pareto_front
+from bench.reports.stats import (
+    MEMORY_COMPONENTS,
+    Row,
+    axis_key,
+    axis_values,
+    mean_where,
+    pareto_front,
+)
 
 # --- figures -------------------------------------------------------------------------------------------
 
@@ -15,9 +22,11 @@ DPI = 120
 
 
 def _pyplot() -> Any:
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works on headless machines and never opens a window
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import matplotlib.pyplot as plt
 
     return plt
@@ -34,6 +43,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def _palette(stats: list[Row]) -> dict[str, Any]:
     """One colour per cell, the same in every figure."""
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import seaborn as sns
 
     labels = [s["label"] for s in stats]
@@ -42,6 +52,7 @@ def _palette(stats: list[Row]) -> dict[str, Any]:
 
 def _plain_log_scale(axis: Any) -> None:
     """Log scale labelled 100, 200, 500, 1000 instead of 10²: readable without mental arithmetic."""
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
     axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
@@ -171,6 +182,7 @@ def plot_speedup_heatmap(stats: list[Row], design: str, path: Path) -> bool:
     if spec is None:
         return False
     grid, notes, ylabel, xlabel, rows, columns = spec
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import seaborn as sns
 
     plt = _pyplot()
@@ -193,6 +205,7 @@ def plot_memory_breakdown(stats: list[Row], path: Path) -> bool:
     ok = [s for s in stats if any(math.isfinite(v) for v in s["breakdown"].values())]
     if not ok:
         return False
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import seaborn as sns
 
     plt = _pyplot()
@@ -212,7 +225,10 @@ def plot_memory_breakdown(stats: list[Row], path: Path) -> bool:
 
 
 def plot_curves(stats: list[Row], path: Path) -> bool:
+    # lazy: pandas costs ~0.5 s and only the CSV/figures need it
     import pandas as pd
+
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import seaborn as sns
 
     frame = pd.DataFrame([{**p, "cell": s["label"]} for s in stats for p in s["curves"]])
@@ -243,7 +259,10 @@ def plot_curves(stats: list[Row], path: Path) -> bool:
 def plot_step_times(stats: list[Row], path: Path) -> bool:
     """One point per run (its median step time), the unit the significance marks compare; runs
     under competing load in red, so a lone slow point can be traced to the machine."""
+    # lazy: pandas costs ~0.5 s and only the CSV/figures need it
     import pandas as pd
+
+    # lazy: matplotlib/seaborn/pandas cost ~1 s and only figures need them
     import seaborn as sns
 
     frame = pd.DataFrame([{"cell": s["label"], "ms": run["step_ms"], "load": _load_label(run["under_load"])}

@@ -45,6 +45,7 @@ def summarize(values: Iterable[float | None], confidence: float = CONFIDENCE) ->
     With one value the spread is unknown, so std and the interval are NaN rather than zero:
     a single seed must not look like a perfectly reproducible measurement.
     """
+    # lazy: scipy costs ~0.3 s and only the statistics need it
     from scipy import stats
 
     data = clean(values)
@@ -64,6 +65,7 @@ def welch(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE) -> tuple
     or less variable). Needs two values per group; with no spread at all the interval is the
     point and p is 1 for equal means, 0 otherwise.
     """
+    # lazy: scipy costs ~0.3 s and only the statistics need it
     from scipy import stats
 
     diff = float(b.mean() - a.mean())

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-# The parts of a row's memory_breakdown (bench/memory.py): what each storage live at the peak is
+from bench.base.errors import clip
+
+# The parts of a row's memory_breakdown (bench/training/memory.py): what each storage live at the peak is
 # counted as, every storage in exactly one. Reports and `compare` take the list from here.
 MEMORY_CATEGORIES = (
     "parameters",       # the model's parameters
@@ -181,11 +183,6 @@ def _content_problem(row: Row) -> Optional[str]:
     return None
 
 
-def clip(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters: no message grows with what it quotes."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def print_warning(message: str) -> None:
     print(f"warning: {clip(message, 300)}", file=sys.stderr)
 
@@ -313,6 +310,7 @@ def end_torn_row(path: Path) -> None:
 
 def to_frame(rows: Iterable[Row]):
     """Rows flattened for pandas: nested dicts become dotted columns, lists stay JSON text."""
+    # lazy: pandas costs ~0.5 s and only the CSV/figures need it
     import pandas as pd
 
     frame = pd.json_normalize(list(rows), sep=".")

@@ -6,14 +6,21 @@ model that cannot take the input is refused before any process starts, not by a 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import warnings
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from bench.config.matrix import MEASUREMENT_STEPS, TrainConfig, min_total_steps
+from bench.base.errors import ConfigError
+from bench.config.matrix import Matrix, cell_key, load_matrix
+from bench.config.train_config import TrainConfig
+from bench.parts.clock import MEASUREMENT_STEPS, min_total_steps
 from bench.parts.data import dataset_facts
-from bench.base.safeyaml import shorten
+from bench.parts.models import meta_forward_problem
+from bench.training.train import build_tricks
+from bench.tricks import TRICKS
 
 MAX_SYNTHETIC_BYTES = 8 << 30  # synthetic data lives in memory: train + test split, float32
 
@@ -70,7 +77,7 @@ def _check_run_length(config: TrainConfig, train_size: int) -> int:
 
 def _check_model_input(config: TrainConfig, num_classes: int, shape: tuple[int, int, int]) -> None:
     micro = _micro_batch_size(config)
-    problem = _meta_forward(config.model, num_classes, shape, micro)
+    problem = meta_forward_problem(config.model, num_classes, shape, micro)
     if problem:
         raise CellProblem(("model", "image_size", "batch_size", "dataset"),
                           f"{config.model} cannot train on batches of {micro}x{shape[0]}x{shape[1]}x{shape[2]}: {problem}")
@@ -78,7 +85,6 @@ def _check_model_input(config: TrainConfig, num_classes: int, shape: tuple[int, 
 
 def _micro_batch_size(config: TrainConfig) -> int:
     """The smallest batch a forward pass sees: the per-rank batch as the tricks split it."""
-    from bench.training.train import build_tricks
 
     batches = [(torch.empty(config.per_rank_batch_size, 1, device="meta"),
                 torch.empty(config.per_rank_batch_size, device="meta"))]
@@ -88,36 +94,37 @@ def _micro_batch_size(config: TrainConfig) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _meta_forward(model_name: str, num_classes: int, shape: tuple[int, int, int], batch: int) -> str | None:
-    """Why a training-mode forward of the model on this input fails (None when it works).
-
-    On the meta device only shapes are computed. An op the meta device does not implement is
-    not the model's fault, so it passes (the run itself will tell).
-    """
-    from bench.parts.models import build_model
-
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # constructors' FutureWarnings would add lines to a refusal
-            model = build_model(model_name, num_classes, image_size=shape[-1]).train()
-            output = model(torch.empty(batch, *shape))
-    except NotImplementedError:
-        return None
-    except Exception as err:  # noqa: BLE001 - any failure of the forward is the answer
-        text = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        return None if "meta" in text.lower() else shorten(text, 120)[1:-1]
-    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (batch, num_classes):
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        return f"output is {shorten(got)}, not logits of shape ({batch}, {num_classes})"
-    return None
 
 
 def _trick_advice(config: TrainConfig, total_steps: int) -> list[str]:
-    from bench.tricks import TRICKS
-
     notes = []
     for entry in TRICKS:
         advice = entry.obj.advise(config.tricks[entry.name], config, total_steps)
         if advice:
             notes.append(f"{entry.name}: {advice}")
     return notes
+
+
+def check_runs(matrix: Matrix) -> Matrix:
+    """What each cell's runs would discover only after starting: data, run length, model input.
+
+    Called by whoever is about to run a matrix (CLI, runner), after it loads: building a cell's
+    model is not part of reading its file. A problem is a ConfigError naming the cell when one of
+    its axis values is involved, else the base field; advice comes back as the matrix's warnings.
+    """
+    notes = list(matrix.warnings)
+    for cell in matrix.cells:
+        try:
+            advice = check_run(cell.config)
+        except CellProblem as problem:
+            own = any(name in cell.axes for name in problem.fields)
+            key = cell_key(cell.axes) if own else f"base.{problem.fields[0]}"
+            raise ConfigError(matrix.file, key, problem.message) from None
+        notes += [f"{matrix.file}: {note}" for note in advice]
+    return dataclasses.replace(matrix, warnings=tuple(dict.fromkeys(notes)))
+
+
+def load_runnable_matrix(path: str | Path, profile: Optional[str] = None, device: Optional[str] = None,
+                         max_cells: Optional[int] = None) -> Matrix:
+    """:func:`~bench.config.matrix.load_matrix`, then :func:`check_runs`: every check before a run."""
+    return check_runs(load_matrix(path, profile=profile, device=device, max_cells=max_cells))

@@ -23,6 +23,7 @@ import torch
 
 import bench
 from bench.parts import distributed
+from bench.parts.clock import StepClock
 
 
 class Diverged(RuntimeError):
@@ -31,37 +32,6 @@ class Diverged(RuntimeError):
     def __init__(self, step: int) -> None:
         super().__init__(f"non-finite training loss at step {step}")
         self.step = step
-
-
-class StepClock:
-    """Per-step durations: CUDA events on GPU (no per-step sync), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._pending: list[tuple[Any, Any]] = []
-        self.durations_s: list[float] = []
-
-    def start(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, started: Any) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._pending.append((started, end))
-        else:
-            self.durations_s.append(time.perf_counter() - started)
-
-    def collect(self) -> None:
-        """Synchronize and convert recorded CUDA events; call at window boundaries only."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.durations_s += [s.elapsed_time(e) / 1e3 for s, e in self._pending]
-            self._pending.clear()
 
 
 class Stopwatch:
@@ -244,7 +214,7 @@ def _cpu_model() -> str:
 
 
 def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository holding bench/
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):

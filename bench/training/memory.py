@@ -39,7 +39,6 @@ from bench.store.results import MEMORY_CATEGORIES as CATEGORIES
 from bench.tricks.spec import Batch, StepFns, Trick
 
 
-
 @dataclass
 class MemoryReport:
     peak_memory_bytes: int

@@ -21,15 +21,22 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.config.train_config import TrainConfig
 from bench.parts import distributed, flop_formulas  # noqa: F401 - registers FLOP formulas torch lacks
-from bench.config.matrix import MEASUREMENT_STEPS, TrainConfig, min_total_steps
+from bench.parts.clock import MEASUREMENT_STEPS, min_total_steps
 from bench.parts.data import DatasetSplits, augment_train, build_dataset
-from bench.training.measure import Diverged, RunRecorder, peak_rss_bytes, peak_tflops, synchronize
-from bench.training.memory import track_step_memory
 from bench.parts.models import build_model
 from bench.parts.schedules import build_scheduler
-from bench.tricks.spec import Batch, Criterion, LossFn, RunContext, StepFns, Trick
+from bench.training.measure import (
+    Diverged,
+    RunRecorder,
+    peak_rss_bytes,
+    peak_tflops,
+    synchronize,
+)
+from bench.training.memory import track_step_memory
 from bench.tricks import TRICKS
+from bench.tricks.spec import Batch, Criterion, LossFn, RunContext, StepFns, Trick
 
 __all__ = ["Diverged", "Run", "build_tricks", "make_step", "prepare_run", "run_step", "train"]
 

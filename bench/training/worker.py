@@ -22,12 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from bench.parts import distributed
-
-from bench.execution import lifeline
-from bench.config.matrix import TrainConfig
-from bench.training.measure import environment
+from bench.config.train_config import TrainConfig
+from bench.parts import distributed, lifeline
 from bench.store.results import RunRecord, write_atomic
+from bench.training.measure import environment
 from bench.training.train import Diverged, train
 
 

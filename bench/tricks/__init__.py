@@ -1,15 +1,11 @@
-"""Registered tricks. Importing this package registers every trick in ``TRICKS``."""
-from bench.base.registry import Registry
-from bench.tricks.spec import Trick
+"""The trick catalogue: one module per trick, each a small registered class (bench.tricks.spec
+is the contract: the hooks a trick may implement, and the registry).
 
-TRICKS: Registry[type[Trick]] = Registry("trick")
+Layer 8. Importing this package registers every trick in ``TRICKS``; nothing here knows the
+matrix, the runner or the reports.
 
-
-def register(cls: type[Trick]) -> type[Trick]:
-    """Class decorator: register a Trick under its ``name``."""
-    return TRICKS.register(cls.name, cls.description)(cls)
-
-
+May import: parts, store, base.
+"""
 # Registration happens on import; the order here is the order hooks run in, which matters where
 # two tricks use the same hook:
 # - prepare_model: channels_last converts the weights before world_size's DDP wrapper builds its
@@ -20,7 +16,8 @@ def register(cls: type[Trick]) -> type[Trick]:
 #   both keep a channels_last batch channels_last (checked);
 # - process_gradients: clip before centralizing (centralizing only lowers the norm);
 # - wrap_step: precision's GradScaler innermost, SAM around it.
-from bench.tricks import (  # noqa: E402,F401
+# isort: off
+from bench.tricks import (  # noqa: F401 - imported to register
     channels_last,
     attention,
     residual,
@@ -45,3 +42,5 @@ from bench.tricks import (  # noqa: E402,F401
     augment,
     torch_compile,
 )
+# isort: on
+from bench.tricks.spec import TRICKS, register  # noqa: F401 - the registry, filled below

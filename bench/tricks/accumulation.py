@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.tricks.spec import Batch, Trick
-from bench.tricks import register
+from bench.tricks.spec import Batch, Trick, register
 
 
 @register

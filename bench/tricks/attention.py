@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
-from bench.parts.distributed import unwrap
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import Trick
-from bench.tricks import register
+from bench.parts.distributed import unwrap
+from bench.parts.models import build_model
+from bench.tricks.spec import Trick, register
 
 KERNELS = ("math", "sdpa", "chunked")
 
@@ -138,7 +138,6 @@ class Attention(Trick):
     def check(cls, value: Any, config: Any) -> None:
         if value is None:
             return
-        from bench.parts.models import build_model
 
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = build_model(config.model, num_classes=10)

@@ -24,8 +24,7 @@ from torchvision.transforms import v2
 
 from bench.base.registry import did_you_mean
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import Trick
-from bench.tricks import register
+from bench.tricks.spec import Trick, register
 
 POLICIES: dict[str, Callable[[], v2.Transform]] = {
     "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench.tricks.spec import Batch, Switch
-from bench.tricks import register
+from bench.tricks.spec import Batch, Switch, register
 
 
 def to_channels_last(inputs: torch.Tensor) -> torch.Tensor:

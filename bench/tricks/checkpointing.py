@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bench.parts.batchnorm import frozen_running_stats
-from bench.tricks.spec import Switch
-from bench.tricks import register
+from bench.parts.models import build_model
+from bench.tricks.spec import Switch, register
 
 
 class Checkpointed(nn.Module):
@@ -49,7 +49,7 @@ def find_blocks(model: nn.Module) -> list[tuple[nn.Module, str]]:
     found: list[tuple[nn.Module, str]] = []
 
     def visit(module: nn.Module) -> None:
-        for name, child in module.named_children():
+        for child in module.children():
             if isinstance(child, nn.Sequential) and len(child) >= 2:
                 for sub_name, sub in child.named_children():
                     if any(True for _ in sub.parameters()):
@@ -77,7 +77,6 @@ class Checkpointing(Switch):
     def check(cls, value: Any, config: Any) -> None:
         if not value:
             return
-        from bench.parts.models import build_model
 
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = build_model(config.model, num_classes=10)

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from bench.tricks.spec import RunContext, Switch
-from bench.tricks import register
+from bench.tricks.spec import RunContext, Switch, register
 
 
 @register

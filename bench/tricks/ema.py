@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bench.parts.distributed import unwrap
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import RunContext, Trick
-from bench.tricks import register
+from bench.parts.distributed import unwrap
+from bench.tricks.spec import RunContext, Trick, register
 
 
 def ema_decay(decay: float, earlier_updates: int, warmup: bool) -> float:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.tricks.spec import RunContext, Switch
-from bench.tricks import register
+from bench.tricks.spec import RunContext, Switch, register
 
 
 @torch.no_grad()

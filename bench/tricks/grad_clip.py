@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import RunContext, Trick
-from bench.tricks import register
+from bench.tricks.spec import RunContext, Trick, register
 
 MODES = ("norm", "value")
 CONSOLIDATE_EVERY = 256  # steps; keeps the per-step records from piling up as many tiny tensors

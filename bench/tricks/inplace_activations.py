@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from bench.tricks.spec import Trick
-from bench.tricks import register
+from bench.parts.models import build_model
+from bench.tricks.spec import Trick, register
 
 # torch.nn activation modules that take an ``inplace`` argument.
 INPLACE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Hardswish,
@@ -50,9 +51,7 @@ class InplaceActivations(Trick):
     def check(cls, value: Any, config: Any) -> None:
         if value is None:
             return
-        import torch
 
-        from bench.parts.models import build_model
 
         with torch.device("meta"):  # module types only: no memory, no init cost
             model = build_model(config.model, num_classes=10)

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.tricks.spec import LossFn, Trick
-from bench.tricks import register
+from bench.tricks.spec import LossFn, Trick, register
 
 
 def penalised_loss(loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, weight: float) -> torch.Tensor:

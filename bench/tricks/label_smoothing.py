@@ -14,8 +14,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from bench.tricks.spec import Criterion, Trick
-from bench.tricks import register
+from bench.tricks.spec import Criterion, Trick, register
 
 
 @register

@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.parts.distributed import unwrap
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import RunContext, Trick
-from bench.tricks import register
+from bench.parts.distributed import unwrap
+from bench.tricks.spec import RunContext, Trick, register
 
 DEFAULTS = {"k": 5, "alpha": 0.5}
 

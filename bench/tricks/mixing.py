@@ -28,8 +28,7 @@ import torch
 from torchvision.transforms import v2
 
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import Batch, RunContext, Trick
-from bench.tricks import register
+from bench.tricks.spec import Batch, RunContext, Trick, register
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

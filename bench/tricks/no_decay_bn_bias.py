@@ -13,8 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from bench.tricks.spec import Switch
-from bench.tricks import register
+from bench.tricks.spec import Switch, register
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
 

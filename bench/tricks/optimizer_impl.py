@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.tricks.spec import Choice
-from bench.tricks import register
+import torch
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+from bench.tricks.spec import Choice, register
 
 OPTIONS: dict[str, dict[str, bool]] = {
     "default": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True},
@@ -20,7 +22,6 @@ OPTIONS: dict[str, dict[str, bool]] = {
 
 def fused_devices() -> list[str]:
     """Device types with fused optimizer kernels in this torch (SGD and AdamW both have them)."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     return _get_fused_kernels_supported_devices()
 
@@ -38,7 +39,6 @@ class OptimizerImpl(Choice):
     def check(cls, value: Any, config: Any) -> None:
         if value != "fused":
             return
-        import torch
 
         device = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         if device not in fused_devices():

@@ -12,8 +12,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from bench.tricks.spec import Choice, RunContext, StepFns
-from bench.tricks import register
+from bench.tricks.spec import Choice, RunContext, StepFns, register
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.config.matrix import MEASUREMENT_STEPS
-from bench.training.measure import StepClock
 from bench.base.safeyaml import shorten
-from bench.tricks.spec import Batch, RunContext, Trick
-from bench.tricks import register
+from bench.parts.clock import MEASUREMENT_STEPS, StepClock
+from bench.parts.data import dataset_facts
+from bench.parts.models import build_model, meta_forward_problem
+from bench.tricks.spec import Batch, RunContext, Trick, register
 
 SIZE_MULTIPLE = 4
 SMALLEST_SIDE = 8
@@ -70,7 +70,6 @@ def resize(inputs: torch.Tensor, side: int) -> torch.Tensor:
 
 def model_flops(model_name: str, num_classes: int, shape: tuple[int, ...]) -> int:
     """FLOPs of the bare model's forward and backward on a batch of ``shape``, shapes only."""
-    from bench.parts.models import build_model
 
     with torch.device("meta"):
         model = build_model(model_name, num_classes).train()
@@ -107,8 +106,6 @@ class ProgressiveResizing(Trick):
         """Every side the schedule can reach must go through the model (a meta-device forward)."""
         if value is None:
             return
-        from bench.parts.data import dataset_facts
-        from bench.training.feasibility import _meta_forward
 
         try:
             facts = dataset_facts(config)
@@ -119,7 +116,7 @@ class ProgressiveResizing(Trick):
             raise ValueError(f"progressive_resizing resizes square images; {config.dataset} has {height}x{full}")
         smallest, largest = side_at(value["start"], full), side_at(value["end"], full)
         for side in (s for s in allowed_sides(full) if smallest <= s <= largest):
-            problem = _meta_forward(config.model, facts.num_classes, (channels, side, side), 2)
+            problem = meta_forward_problem(config.model, facts.num_classes, (channels, side, side), 2)
             if problem:
                 raise ValueError(f"progressive_resizing reaches {side}x{side} images, which {config.model} "
                                  f"cannot take: {problem}")

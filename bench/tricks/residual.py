@@ -27,8 +27,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
 from bench.parts.distributed import unwrap
-from bench.tricks.spec import Switch, Trick
-from bench.tricks import register
+from bench.parts.models import build_model
+from bench.tricks.spec import Switch, Trick, register
 
 RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
 LAST_BN = {BasicBlock: "bn2", Bottleneck: "bn3"}  # the branch's last layer, before the shortcut is added
@@ -47,8 +47,6 @@ def last_bn(block: nn.Module) -> nn.BatchNorm2d:
 
 @functools.lru_cache(maxsize=None)
 def has_residual_blocks(model_name: str) -> bool:
-    from bench.parts.models import build_model
-
     with torch.device("meta"):  # structure only: no memory, no init cost
         return bool(residual_blocks(build_model(model_name, num_classes=10)))
 

@@ -9,15 +9,13 @@ No library ships SAM, hence this small hand-written version.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch
 
 from bench.parts.batchnorm import frozen_running_stats
 from bench.parts.distributed import no_grad_sync
-from bench.tricks.spec import RunContext, StepFns, Trick
-from bench.tricks import register
+from bench.tricks.spec import RunContext, StepFns, Trick, register
 
 
 @torch.no_grad()

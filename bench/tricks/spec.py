@@ -34,7 +34,7 @@ from typing import Any, Callable, ClassVar, ContextManager
 import torch
 from torch import nn
 
-from bench.base.registry import did_you_mean
+from bench.base.registry import Registry, did_you_mean
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # (logits, targets) -> mean loss; targets are class indices or class probabilities (mixup).
@@ -194,3 +194,12 @@ class Choice(Trick):
         if value not in cls.choices:
             raise ValueError(f"{value!r} is not one of {', '.join(cls.choices)}{did_you_mean(value, cls.choices)}")
         return value
+
+
+# Every trick, by name; filled by importing bench.tricks (its __init__ fixes the hook order).
+TRICKS: Registry[type[Trick]] = Registry("trick")
+
+
+def register(cls: type[Trick]) -> type[Trick]:
+    """Class decorator: register a Trick under its ``name``."""
+    return TRICKS.register(cls.name, cls.description)(cls)

@@ -38,8 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bench.base.registry import did_you_mean
-from bench.tricks.spec import RunContext, StepFns, Trick
-from bench.tricks import register
+from bench.tricks.spec import RunContext, StepFns, Trick, register
 
 MODES = ["default", "reduce-overhead", "max-autotune"]
 MAX_REASONS = 5  # distinct recompile reasons kept in the row
@@ -47,6 +46,7 @@ MAX_REASONS = 5  # distinct recompile reasons kept in the row
 
 def compile_records() -> list[Any]:
     """Dynamo's compile records of this process, one per compiled forward frame or backward graph."""
+    # lazy: importing the compiler stack costs seconds; only compile cells need it
     from torch._dynamo.utils import get_compilation_metrics
 
     return get_compilation_metrics()
@@ -93,11 +93,17 @@ class Compile(Trick):
                              "memory step (which runs eagerly) or a timed step")
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        # lazy: importing the compiler stack costs seconds; only compile cells need it
         import torch._dynamo
-        from torch._dynamo.utils import clear_compilation_metrics, counters
 
+        # lazy: importing the compiler stack costs seconds; only compile cells need it
         import torch._functorch.config as functorch_config
+
+        # lazy: importing the compiler stack costs seconds; only compile cells need it
         import torch._inductor.config as inductor_config
+
+        # lazy: importing the compiler stack costs seconds; only compile cells need it
+        from torch._dynamo.utils import clear_compilation_metrics, counters
 
         # Every run compiles from scratch, so its compile_time_s does not depend on which runs
         # came before it on this machine (Inductor's on-disk caches would make seed 0 pay for all).
@@ -121,6 +127,7 @@ class Compile(Trick):
 
     def wrap_step(self, step: StepFns) -> StepFns:
         def compute_grads() -> torch.Tensor:
+            # lazy: importing the compiler stack costs seconds; only compile cells need it
             from torch._dynamo.exc import TorchDynamoException
 
             try:
@@ -140,6 +147,7 @@ class Compile(Trick):
         return self.compiled._orig_mod if model is self.compiled else model
 
     def metrics(self) -> dict[str, Any]:
+        # lazy: importing the compiler stack costs seconds; only compile cells need it
         from torch._dynamo.utils import counters
 
         records = compile_records()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any, ContextManager
 
+import torch
 from torch import nn
 
 from bench.parts import distributed
-from bench.tricks.spec import Trick
-from bench.tricks import register
+from bench.tricks.spec import Trick, register
 
 
 @register
@@ -42,7 +42,6 @@ class WorldSize(Trick):
         if value % nodes:
             raise ValueError(f"world_size {value} is not a multiple of launcher.nnodes {nodes}")
         if config.device == "cuda":
-            import torch
 
             visible = torch.cuda.device_count()
             if value // nodes > visible:

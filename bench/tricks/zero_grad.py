@@ -8,8 +8,7 @@ difference: with ``zeros`` the gradients are live from the start of the step.
 """
 from __future__ import annotations
 
-from bench.tricks.spec import Choice
-from bench.tricks import register
+from bench.tricks.spec import Choice, register
 
 
 @register

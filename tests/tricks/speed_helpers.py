@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.training.train import Run, endless_batches, prepare_run
 
 CPU = torch.device("cpu")

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
-from bench.tricks.spec import RunContext
+from bench.config.train_config import build_train_config
 from bench.training.train import make_step, run_step
 from bench.tricks.accumulation import Accumulation
+from bench.tricks.spec import RunContext
 
 K = 4
 BATCH = 8

@@ -20,13 +20,14 @@ from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 from torchvision.models.vision_transformer import VisionTransformer
 
-from bench.config.matrix import ConfigError, build_train_config, load_matrix
+from bench.base.errors import ConfigError
+from bench.config.matrix import load_matrix
+from bench.config.train_config import build_train_config
 from bench.parts.distributed import unwrap
 from bench.parts.models import build_model
-from bench.tricks.spec import RunContext
 from bench.training.train import build_tricks, run_step, train
-from bench.tricks.attention import (Attention, KernelAttention, chunked_attention, math_attention,
-                                    replace_attention)
+from bench.tricks.attention import Attention, KernelAttention, chunked_attention, math_attention, replace_attention
+from bench.tricks.spec import RunContext
 from tests.test_memory_reference import measure
 
 KERNELS = {"math": ("math", None), "sdpa": ("sdpa", None), "chunked": ("chunked", 16)}

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.config.matrix import ConfigError, build_train_config
+from bench.base.errors import ConfigError
+from bench.config.train_config import CHOICES, build_train_config
 from bench.parts.data import build_dataset
 from bench.training.train import prepare_run
 from bench.tricks import TRICKS
-from bench.tricks.augment import CHOICES, augmentation
+from bench.tricks.augment import augmentation
 
 CPU = torch.device("cpu")
 SIZE = 16

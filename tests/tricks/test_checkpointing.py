@@ -10,11 +10,11 @@ from torch import nn
 from torch.testing import assert_close
 
 import bench.parts.models
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.parts.models import build_model
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
 from bench.tricks.checkpointing import Checkpointed, Checkpointing, apply_checkpointing, find_blocks
+from bench.tricks.spec import RunContext
 
 MODELS = {"tiny_cnn": 3, "resnet18_cifar": 8}  # name -> number of checkpointable blocks
 

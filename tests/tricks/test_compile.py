@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.training.memory import track_step_memory
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
+from bench.tricks.spec import RunContext
 from bench.tricks.torch_compile import Compile
 
 CPU = torch.device("cpu")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.tricks.spec import RunContext
 from bench.tricks.cudnn_benchmark import CudnnBenchmark
+from bench.tricks.spec import RunContext
 
 
 def set_up(value: bool, device: str) -> CudnnBenchmark:

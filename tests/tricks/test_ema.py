@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
 from bench.tricks.ema import EMA
+from bench.tricks.spec import RunContext
 
 DECAY = 0.7  # far from 1, so every step's weights weigh in visibly
 N = 5

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
 from bench.tricks.grad_centralization import GradCentralization
+from bench.tricks.spec import RunContext
 
 
 def net() -> nn.Module:

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.grad_clip import GradClip
 from bench.tricks.precision import Precision
+from bench.tricks.spec import RunContext
 
 CPU = torch.device("cpu")
 LR = 1.0  # plain SGD with lr 1: the update is minus the gradient the optimizer saw

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.training.memory import track_step_memory
 from bench.parts.models import build_model
+from bench.training.memory import track_step_memory
 from bench.training.train import run_step
 from bench.tricks.inplace_activations import InplaceActivations, activations_of
 
@@ -56,7 +56,7 @@ def test_high_water_of_activations_drops_by_the_relu_transient():
 
 
 def test_model_without_switchable_activations_is_rejected():
-    from bench.config.matrix import build_train_config
+    from bench.config.train_config import build_train_config
 
     config = build_train_config({"model": "tiny_cnn", "steps": 6}, "test")
     InplaceActivations.check(True, config)  # tiny_cnn has ReLU modules

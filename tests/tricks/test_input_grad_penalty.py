@@ -14,11 +14,11 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.parts.models import build_model
-from bench.tricks.spec import RunContext
 from bench.training.train import make_step, run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.checkpointing import apply_checkpointing
 from bench.tricks.input_grad_penalty import InputGradPenalty
+from bench.tricks.spec import RunContext
 
 LAMBDA = 0.7
 CPU = torch.device("cpu")

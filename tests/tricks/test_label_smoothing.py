@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.tricks.spec import RunContext
 from bench.training.train import make_step
 from bench.tricks.label_smoothing import LabelSmoothing
+from bench.tricks.spec import RunContext
 
 EPS = 0.2
 LOGITS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=torch.float64)

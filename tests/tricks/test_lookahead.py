@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.training.memory import track_step_memory
-from bench.tricks.spec import RunContext
 from bench.training.train import run_step
 from bench.tricks.lookahead import Lookahead
+from bench.tricks.spec import RunContext
 
 CPU = torch.device("cpu")
 LR, MOMENTUM, K, ALPHA, STEPS = 0.1, 0.9, 2, 0.5, 5  # 5 steps: two syncs, then one step past the last

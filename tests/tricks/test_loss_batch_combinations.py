@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.parts.distributed import unwrap
-from bench.tricks.spec import Batch, RunContext, Trick
 from bench.training.train import build_tricks, run_step, train
+from bench.tricks.spec import Batch, RunContext, Trick
 
 VALUES = {"label_smoothing": 0.1, "mixup": 0.4, "cutmix": 1.0, "input_grad_penalty": 0.1,
           "progressive_resizing": {"start": 0.5, "end": 1.0, "until": 0.75}}

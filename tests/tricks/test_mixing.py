@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
-from bench.tricks.spec import Batch, RunContext, Trick
+from bench.config.train_config import build_train_config
 from bench.training.train import make_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.mixing import CutMix, MixUp
+from bench.tricks.spec import Batch, RunContext, Trick
 
 CLASSES = 10
 BATCH = 8

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.training.train import build_optimizer
 from bench.tricks.no_decay_bn_bias import NoDecayBnBias
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
+from bench.config.train_config import build_train_config
 from bench.parts.models import build_model
 from bench.training.train import build_optimizer, build_tricks, run_step
 from bench.tricks.optimizer_impl import OptimizerImpl

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.tricks.spec import RunContext
 from bench.training.train import make_step
 from bench.tricks.precision import Precision
+from bench.tricks.spec import RunContext
 
 CPU = torch.device("cpu")
 

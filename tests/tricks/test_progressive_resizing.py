@@ -12,7 +12,9 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.testing import assert_close
 
-from bench.config.matrix import ConfigError, build_train_config, load_matrix
+from bench.base.errors import ConfigError
+from bench.config.matrix import load_matrix
+from bench.config.train_config import build_train_config
 from bench.training.train import train
 from bench.tricks.progressive_resizing import ProgressiveResizing, model_flops, resize, scale_at, side_at
 

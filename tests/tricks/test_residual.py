@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import ConfigError, build_train_config
+from bench.base.errors import ConfigError
+from bench.config.train_config import build_train_config
 from bench.parts.models import build_model
 from bench.tricks.residual import StochasticDepthTrick, ZeroInitResidual, residual_blocks
 

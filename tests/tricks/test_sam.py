@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from bench.config.matrix import build_train_config
-from bench.tricks.spec import RunContext
+from bench.config.train_config import build_train_config
 from bench.training.train import run_step
 from bench.tricks.accumulation import Accumulation
 from bench.tricks.sam import SAM
+from bench.tricks.spec import RunContext
 
 RHO = 0.5  # large, so the perturbed gradient differs clearly from the plain one
 LR = 0.1
@@ -107,7 +107,7 @@ def test_update_equals_hand_computed_sam_step(k):
     loss = run_step(model, opt, tricks, (x, y))
 
     assert_close(loss, ref_loss.float())  # the loss reported is the one at the unperturbed w
-    for p, e, s in zip(model.parameters(), expected, plain_sgd, strict=True):
+    for p, e, _ in zip(model.parameters(), expected, plain_sgd, strict=True):
         assert_close(p.detach(), e)
     assert any(not torch.allclose(e, s) for e, s in zip(expected, plain_sgd))  # SAM ≠ plain SGD here
 
@@ -129,7 +129,7 @@ def test_two_steps_with_momentum_and_weight_decay_match_reference():
         _, g1 = full_batch_grads(reference, x, y)
         norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
         with torch.no_grad():
-            for p, w0, g in zip(reference.parameters(), w, g1):
+            for p, _, g in zip(reference.parameters(), w, g1):
                 p.add_(RHO * g / norm)
         full_batch_grads(reference, x, y)
         with torch.no_grad():

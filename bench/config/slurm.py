@@ -1,0 +1,95 @@
+"""The matrix's ``slurm:`` section (and ``--slurm KEY=VALUE``): how a matrix runs on a cluster.
+
+Validated with the rest of the matrix file; kept out of every cell's config, so it never
+changes a cell_id. bench.execution.cluster turns it into submitit's parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from bench.base.errors import ConfigError
+from bench.base.safeyaml import shorten
+from bench.config.train_config import check_keys, check_value
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The matrix's ``slurm:`` section (and ``--slurm KEY=VALUE``). Field names are the YAML keys."""
+
+    partition: Optional[str] = None
+    gpus_per_node: int = 8  # GPUs of one node: a world_size-W run asks for W of them, so W <= this
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    time_limit_min: Optional[int] = None  # per task; default: the longest time_limit_s + START_UP_MIN
+    array_parallelism: Optional[int] = None  # tasks running at once; default: SLURM 256, local 1
+    max_requeues: int = 3  # preemptions/timeouts a task is requeued for (submitit's max_num_timeout)
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch options: {account: x, qos: y}
+    setup: tuple[str, ...] = ()  # shell lines before the task (module load, source venv/bin/activate)
+
+
+SETTING_RANGES = {"gpus_per_node": (1, 1024), "cpus_per_task": (1, 4096), "mem_gb": (0.001, 1e6),
+                  "time_limit_min": (1, 366 * 24 * 60), "array_parallelism": (1, 100_000),
+                  "max_requeues": (0, 1000)}
+
+
+SETTING_TYPES = {"partition": Optional[str], "gpus_per_node": int, "cpus_per_task": Optional[int],
+                 "mem_gb": Optional[float], "time_limit_min": Optional[int],
+                 "array_parallelism": Optional[int], "max_requeues": int}
+
+
+def parse_settings(data: Any, file: str, where: str = "slurm") -> ClusterSettings:
+    """Validate a ``slurm:`` mapping; ConfigError naming file, key and what is allowed."""
+    allowed = [f.name for f in dataclasses.fields(ClusterSettings)]
+    check_keys(data if data is not None else {}, allowed, file, where)
+    values: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}"
+        if key == "sbatch":
+            values[key] = _parse_sbatch(value, file, path)
+        elif key == "setup":
+            if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+                raise ConfigError(file, path, f"expected a list of shell lines, got {shorten(value)}")
+            values[key] = tuple(value)
+        else:
+            values[key] = check_value(SETTING_TYPES[key], value, file, path)
+            low, high = SETTING_RANGES.get(key, (None, None))
+            if values[key] is not None and low is not None and not low <= values[key] <= high:
+                raise ConfigError(file, path, f"{shorten(value)} is out of range [{low:g}, {high:g}]")
+    return ClusterSettings(**values)
+
+
+def _parse_sbatch(value: Any, file: str, where: str) -> dict[str, Any]:
+    """sbatch long options without the dashes; a value is a string, a number or true (a bare flag)."""
+    if not isinstance(value, dict):
+        raise ConfigError(file, where, f"expected a mapping of sbatch option → value, got {shorten(value)}")
+    for key, option in value.items():
+        if not isinstance(key, str) or not key.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(file, f"{where}.{key}", "not an sbatch option name (letters, digits, - and _)")
+        if key.replace("_", "-") in ("array", "output", "error", "signal", "open-mode"):
+            raise ConfigError(file, f"{where}.{key}", "set by trickbench/submitit; remove it")
+        if not isinstance(option, (str, int, float)) or option is False:
+            raise ConfigError(file, f"{where}.{key}", f"{shorten(option)} is not a string, a number or true")
+    return dict(value)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--slurm KEY=VALUE`` pairs as a mapping; values read as YAML scalars (``2`` is a number)."""
+    merged: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--slurm", shorten(pair), "expected KEY=VALUE, e.g. --slurm partition=gpu")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        target = merged
+        *parents, leaf = key.split(".")  # sbatch.account=x
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return merged

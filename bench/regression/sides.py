@@ -1,0 +1,122 @@
+"""Reading one side of a comparison: a results folder or cells.jsonl, a baseline JSON file, or
+pytest-benchmark JSON (a file, or a folder of them: one file = one run), as one CellRecord per cell."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from bench.execution import machine
+from bench.regression import pytest_bench
+from bench.regression.cells import (
+    BASELINE_FORMAT,
+    ENV_KEYS,
+    METRICS,
+    BadInput,
+    CellRecord,
+    common_value,
+    lookup,
+)
+from bench.reports.stats import (  # the report's rules, shared
+    ran_under_load,
+)
+from bench.store.results import ROWS_FILE, read_rows
+
+
+def _as_dict(row: Any) -> dict[str, Any]:
+    if isinstance(row, dict):
+        return row
+    return row.to_dict() if hasattr(row, "to_dict") else asdict(row)
+
+
+def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, CellRecord]:
+    """Group rows by cell; ok runs give values, failed runs are listed; env fields of a cell's
+    runs that disagree become ``MIXED`` (a folder resumed on another machine)."""
+    cells: dict[str, CellRecord] = {}
+    envs: dict[str, list[dict[str, Any]]] = {}
+    for number, raw in enumerate(rows, 1):
+        row = _as_dict(raw)
+        if "cell_id" not in row or "seed" not in row:
+            raise BadInput(f"{source}: row {number}: no 'cell_id'/'seed' (not a trickbench results row)")
+        axes = row.get("axes") or {}
+        cell = cells.setdefault(row["cell_id"], CellRecord(
+            row["cell_id"], " ".join(f"{k}={json.dumps(v)}" for k, v in axes.items()) or row["cell_id"], axes, {}))
+        if row.get("status") != "ok":
+            cell.failed.append(f"{row.get('status')} seed={row['seed']}: {row.get('error')}")
+            continue
+        cell.under_load += bool(ran_under_load(row))
+        cell.shared_timing += bool(row.get("shared_timing"))
+        envs.setdefault(cell.cell_id, []).append({"schema_version": row.get("schema_version"),
+                                                  **(row.get("env") or {})})
+        for metric in METRICS:
+            value = lookup(row, metric.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                cell.values.setdefault(metric.name, {})[str(row["seed"])] = value
+    for cell_id, cell_envs in envs.items():
+        cells[cell_id].env = {k: common_value(e.get(k) for e in cell_envs) for k in ENV_KEYS
+                              if any(k in e for e in cell_envs)}
+    return cells
+
+
+def cells_from_baseline(data: dict[str, Any], source: str) -> dict[str, CellRecord]:
+    """A baseline file's cells; a scalar value stands for every recorded seed."""
+    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
+        raise BadInput(f"{source}: format: not a trickbench baseline (expected '{BASELINE_FORMAT}')")
+    if not isinstance(data.get("cells"), dict):
+        raise BadInput(f"{source}: cells: missing or not a mapping of cell_id to entries")
+    cells = {}
+    for cell_id, entry in data["cells"].items():
+        try:
+            seeds = [str(s) for s in entry["seeds"]]
+            values = {name: dict(v) if isinstance(v, dict) else {s: v for s in seeds}
+                      for name, v in entry["metrics"].items()}
+            cells[cell_id] = CellRecord(cell_id, entry.get("label", cell_id), entry.get("axes", {}),
+                                        entry.get("env", {}), values, failed=list(entry.get("failed", [])),
+                                        spreads={k: float(v) for k, v in entry.get("spreads", {}).items()})
+        except (KeyError, TypeError, AttributeError) as err:
+            raise BadInput(f"{source}: cells.{cell_id}: malformed entry ({type(err).__name__}: {err}); "
+                           "needs seeds, metrics, env") from None
+    return cells
+
+
+def load_side(path: str | Path) -> dict[str, CellRecord]:
+    """A results folder (its cells.jsonl), a cells.jsonl file, a baseline JSON file, or
+    pytest-benchmark JSON: one file, or a folder of them (one file = one run)."""
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or directory")
+    if path.is_dir():
+        if not (path / ROWS_FILE).exists():
+            if (runs := pytest_bench.load_folder(path)) is not None:
+                return runs
+            raise BadInput(f"{path}: no {ROWS_FILE} and no pytest-benchmark JSON here (not a results folder)")
+        path = path / ROWS_FILE
+    if path.suffix == ".json":
+        data = pytest_bench.read_json(path)
+        if pytest_bench.is_pytest_benchmark(data):
+            return pytest_bench.cells_from_runs([(str(path), data)])
+        cells = cells_from_baseline(data, str(path))
+    else:
+        cells = cells_from_rows(one_machine(read_rows(path), path), str(path))
+    if not cells:
+        raise BadInput(f"{path}: no rows to compare")
+    return cells
+
+
+def one_machine(rows: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
+    """The rows of the machine that wrote the last row: a folder resumed on new hardware keeps the
+    old machine's rows as reference data, and comparing pooled machines would compare nothing."""
+
+    found = machine.machines(rows)
+    if len(found) <= 1:
+        return rows
+    latest = machine.latest_machine(rows)
+    left = {key: text for key, text in found.items() if key != latest}
+    print(f"warning: {source}: comparing the rows of machine {latest} ({found[latest]}); rows of "
+          f"{len(left)} other machine(s) left out: {'; '.join(f'{k} ({t})' for k, t in left.items())}",
+          file=sys.stderr)
+    return machine.rows_of(rows, latest)
