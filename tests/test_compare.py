@@ -6,7 +6,9 @@ import pytest
 
 from bench.cli.main import main
 from bench.regression import compare as cmp
+from bench.regression import sides
 from bench.regression.baseline import baseline_document, updated_document
+from bench.reports.stats import all_cell_stats
 
 ENV = {"torch": "2.14.1", "device": "cpu", "device_name": "CPU A", "cpu_model": "CPU A",
        "cpu_capability": "AVX2", "cpu_cores": 2, "torch_threads": 2}
@@ -35,7 +37,7 @@ def rows(cells=("c1", "c2"), **changes):
 
 
 def verdicts(base_rows, new_rows, **policy):
-    found = cmp.compare_cells(cmp.cells_from_rows(base_rows), cmp.cells_from_rows(new_rows), cmp.Policy(**policy))
+    found = cmp.compare_cells(sides.cells_from_rows(base_rows), sides.cells_from_rows(new_rows), cmp.Policy(**policy))
     return found, {(v.cell_id, v.metric): v for v in found}
 
 
@@ -165,23 +167,23 @@ def test_runs_of_one_cell_on_two_machines_are_never_timing_comparable():
 
 
 def test_baseline_file_round_trips_counters_once_and_samples_per_seed():
-    cells = cmp.cells_from_rows(rows())
+    cells = sides.cells_from_rows(rows())
     document = json.loads(json.dumps(baseline_document(cells, "m", "cmd")))
     entry = document["cells"]["c1"]
     assert entry["metrics"]["flops_per_step"] == 1000  # equal on every seed: stored once
     assert entry["metrics"]["step_time_ms_median"] == {str(s): STEP_MS[s] for s in (0, 1, 2)}
-    back = cmp.cells_from_baseline(document, "b.json")
-    found = cmp.compare_cells(back, cmp.cells_from_rows(rows()))
+    back = sides.cells_from_baseline(document, "b.json")
+    found = cmp.compare_cells(back, sides.cells_from_rows(rows()))
     assert {v.verdict for v in found} == {cmp.PASS}
 
 
 def test_update_rewrites_only_what_moved():
-    cells = cmp.cells_from_rows(rows())
+    cells = sides.cells_from_rows(rows())
     document = json.loads(json.dumps(baseline_document(cells, "m", "cmd")))
     new = rows(**{"memory_breakdown.activations": 3100})
     for r in new:
         r["step_time_ms_median"] *= 1.02  # within its margin: keep the recorded samples
-    updated, changes = updated_document(document, cells, cmp.cells_from_rows(new), cmp.Policy())
+    updated, changes = updated_document(document, cells, sides.cells_from_rows(new), cmp.Policy())
     assert len(changes) == 2 and all("memory_breakdown.activations" in c for c in changes)
     for cell_id in ("c1", "c2"):
         before, after = document["cells"][cell_id]["metrics"], updated["cells"][cell_id]["metrics"]
@@ -229,7 +231,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, make_
 
 def test_cli_update_changes_only_the_lines_that_moved(tmp_path, capsys):
     path = tmp_path / "base.json"
-    document = baseline_document(cmp.cells_from_rows(rows()), "m", "cmd")
+    document = baseline_document(sides.cells_from_rows(rows()), "m", "cmd")
     path.write_text(json.dumps(document, indent=2) + "\n")
     before = path.read_text().splitlines()
     new = write_rows(tmp_path / "new", rows(cells=("c1", "c2", "c3"), flops_per_step=1500))
@@ -244,7 +246,7 @@ def test_cli_update_changes_only_the_lines_that_moved(tmp_path, capsys):
 
 def test_check_against_a_baseline_of_another_torch_says_re_record_and_exits_2(tmp_path, capsys):
     path = tmp_path / "base.json"
-    document = baseline_document(cmp.cells_from_rows(rows(**{"env.torch": "2.13.0"})), "m", "trickbench baseline record m.yaml -o base.json")
+    document = baseline_document(sides.cells_from_rows(rows(**{"env.torch": "2.13.0"})), "m", "trickbench baseline record m.yaml -o base.json")
     path.write_text(json.dumps(document))
     new = write_rows(tmp_path / "new", rows(flops_per_step=9999))  # would fail if it were compared
     assert main(["check", str(new), "--baseline", str(path)]) == 2
@@ -262,3 +264,11 @@ def test_baseline_file_is_never_written_through_a_link(tmp_path):
     with pytest.raises(StoreError):
         write_baseline({"cells": {}}, tmp_path / "ci.json")
     assert target.read_text() == "keep"
+
+
+def test_a_cell_reads_the_same_in_compare_and_in_the_report():
+    """Both name a cell by the axis values that differ from the baseline (the first row's cell)."""
+    two_axes = [row(c, s, axes={"sam": None if c == "c1" else 0.05, "ema": None}) for s in (0, 1, 2) for c in ("c1", "c2")]
+    compared = {c.cell_id: c.label for c in sides.cells_from_rows(two_axes).values()}
+    reported = {s["cell_id"]: s["label"] for s in all_cell_stats(two_axes)}
+    assert compared == reported == {"c1": "baseline", "c2": "sam=0.05"}

@@ -10,6 +10,7 @@ import pytest
 from bench.cli.main import main
 from bench.regression import compare as cmp
 from bench.regression import instructions as ins
+from bench.regression import sides
 from bench.regression.baseline import baseline_document, updated_document, without_instructions
 
 FINGERPRINT = {"torch": "2.14.1", "python": "3.11.9", "cpu_model": "CPU A", "cpu_capability": "AVX2",
@@ -58,7 +59,7 @@ def test_another_fingerprint_is_not_comparable_and_does_not_fail(key):
 def test_baseline_file_keeps_the_count_and_its_spread_and_update_moves_both():
     document = json.loads(json.dumps(baseline_document(cell(COUNT, spread=0.0002), "m", "cmd")))
     assert document["cells"]["c1"]["spreads"] == {ins.METRIC: 0.0002}
-    back = cmp.cells_from_baseline(document, "b.json")
+    back = sides.cells_from_baseline(document, "b.json")
     assert back["c1"].spreads == {ins.METRIC: 0.0002} and judged(back, cell(COUNT))[0].verdict == cmp.PASS
     updated, changes = updated_document(document, back, cell(COUNT * 2, spread=0.0001), cmp.Policy())
     assert len(changes) == 1 and ins.METRIC in changes[0]

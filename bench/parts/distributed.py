@@ -8,7 +8,6 @@ distributed. torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE for
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 from typing import Any, Callable, ContextManager, Iterator, TypeVar
@@ -17,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from bench.parts.lifeline import die_with_parent
 
 T = TypeVar("T")
 
@@ -89,7 +90,11 @@ def process_group(device: torch.device) -> Iterator[None]:
     if launched_world_size() == 1:
         yield
         return
-    _die_with_parent()
+    # torchrun starts its ranks in sessions of their own (out of the runner's killpg), and a
+    # launcher killed with SIGKILL cannot stop them: the kernel does, when the launcher dies.
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the signal was armed
+        os._exit(1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
@@ -97,17 +102,6 @@ def process_group(device: torch.device) -> Iterator[None]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     yield
     dist.destroy_process_group()
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this rank when torchrun dies: a launcher killed with SIGKILL cannot stop
-    its ranks, which it starts in sessions of their own (out of reach of the runner's killpg)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() == 1:  # the launcher died before prctl took effect
-            os._exit(1)
 
 
 def wrap(model: nn.Module) -> DistributedDataParallel:

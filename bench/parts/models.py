@@ -1,6 +1,7 @@
 """Reference models, registered by name, plus every torchvision classification model."""
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -83,6 +84,7 @@ def build_model(name: str, num_classes: int, image_size: int | None = None) -> n
     raise KeyError(name)
 
 
+@functools.lru_cache(maxsize=256)
 def meta_forward_problem(model_name: str, num_classes: int, shape: tuple[int, int, int], batch: int) -> str | None:
     """Why a training-mode forward of the model on this input fails (None when it works).
 

@@ -2,7 +2,6 @@
 pytest-benchmark JSON (a file, or a folder of them: one file = one run), as one CellRecord per cell."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict
@@ -20,9 +19,7 @@ from bench.regression.cells import (
     common_value,
     lookup,
 )
-from bench.reports.stats import (  # the report's rules, shared
-    ran_under_load,
-)
+from bench.reports.stats import cell_label, ran_under_load  # the report's rules, shared
 from bench.store.results import ROWS_FILE, read_rows
 
 
@@ -34,16 +31,19 @@ def _as_dict(row: Any) -> dict[str, Any]:
 
 def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, CellRecord]:
     """Group rows by cell; ok runs give values, failed runs are listed; env fields of a cell's
-    runs that disagree become ``MIXED`` (a folder resumed on another machine)."""
+    runs that disagree become ``MIXED`` (a folder resumed on another machine). Labels read as in
+    the report: the axis values that differ from the baseline, the cell of the first row."""
     cells: dict[str, CellRecord] = {}
     envs: dict[str, list[dict[str, Any]]] = {}
+    baseline_axes: dict[str, Any] = {}
     for number, raw in enumerate(rows, 1):
         row = _as_dict(raw)
         if "cell_id" not in row or "seed" not in row:
             raise BadInput(f"{source}: row {number}: no 'cell_id'/'seed' (not a trickbench results row)")
         axes = row.get("axes") or {}
+        baseline_axes = baseline_axes if cells else axes
         cell = cells.setdefault(row["cell_id"], CellRecord(
-            row["cell_id"], " ".join(f"{k}={json.dumps(v)}" for k, v in axes.items()) or row["cell_id"], axes, {}))
+            row["cell_id"], cell_label(axes, baseline_axes) if axes else row["cell_id"], axes, {}))
         if row.get("status") != "ok":
             cell.failed.append(f"{row.get('status')} seed={row['seed']}: {row.get('error')}")
             continue

@@ -13,7 +13,8 @@ state-dict keys) and differs only in how softmax(QKᵀ/√d)V is computed:
   ``torch.utils.checkpoint``, so backward recomputes it instead of keeping it. Only one chunk's
   (B, heads, N, L) matrix exists at a time: the idea of memory-efficient attention (Rabe & Staats
   2021, "Self-attention does not need O(n²) memory", arXiv:2112.05682), written in PyTorch ops
-  rather than a fused kernel, so it costs one more attention forward per step.
+  rather than a fused kernel. Backward recomputes each chunk's QKᵀ and softmax only (the QKV
+  projections and the output projection are not recomputed): +6% FLOPs over math on vit_tiny.
 """
 from __future__ import annotations
 

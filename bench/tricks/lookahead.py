@@ -2,8 +2,9 @@
 
 The inner optimizer moves the fast weights θ; a slow copy φ is kept. Every k optimizer steps
     φ ← φ + α(θ − φ),  θ ← φ
-and the inner optimizer's state (momentum) is kept, as in the paper and timm. Hand-written: no
-well-kept library ships it (timm's is tied to its optimizer factory).
+and the inner optimizer's state (momentum) is kept, as in the paper and timm. Hand-written although
+timm's ``Lookahead`` wraps any optimizer too: it keeps the slow weights inside the optimizer's state
+and evaluates the fast ones, while here evaluation must see the slow weights (below).
 
 The slow weights live in a copy of the model (parameters and buffers), so evaluation uses them,
 as the paper's Algorithm 1 returns φ: ``eval_model`` is that copy, i.e. the slow weights of the

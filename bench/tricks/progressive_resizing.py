@@ -3,7 +3,7 @@ https://docs.mosaicml.com/projects/composer/en/latest/method_cards/progressive_r
 train on downscaled images first and grow them to full size, so early steps cost less.
 
 ``progressive_resizing: {start: 0.5, end: 1.0, until: 0.75}``: at optimizer step t of T the
-training batch is resized (``F.interpolate``, bilinear, antialiased when downsampling) to
+training batch is resized (torchvision's bilinear ``resize``, antialiased) to
 scale(t)·S, scale growing linearly from ``start`` to ``end`` over the first ``until``·T steps and
 staying at ``end`` afterwards (S: the dataset's image side). Sides are rounded to the nearest
 multiple of 4 (Composer's default ``size_increment``: fine enough that a 16-pixel run gets 8, 12
@@ -28,8 +28,8 @@ import statistics
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms.v2 import functional as TF
 
 from bench.base.safeyaml import shorten
 from bench.parts.clock import MEASUREMENT_STEPS, StepClock
@@ -61,11 +61,12 @@ def side_at(scale: float, full: int) -> int:
 
 
 def resize(inputs: torch.Tensor, side: int) -> torch.Tensor:
-    """Images (N, C, H, W) resized to side x side; antialiased when shrinking, as PIL would."""
+    """Images (N, C, H, W) resized to side x side: torchvision's bilinear resize, antialiased as PIL
+    would. The schedule only ever shrinks (sides <= the full size); there it is pixel-identical to
+    F.interpolate(antialias=True) and keeps a channels_last batch channels_last."""
     if inputs.shape[-2:] == (side, side):
         return inputs
-    return F.interpolate(inputs, size=(side, side), mode="bilinear", align_corners=False,
-                         antialias=side < max(inputs.shape[-2:]))
+    return TF.resize(inputs, [side, side], antialias=True)
 
 
 def model_flops(model_name: str, num_classes: int, shape: tuple[int, ...]) -> int:
