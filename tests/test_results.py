@@ -13,7 +13,7 @@ import pytest
 
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
-from bench.execution import runner
+from bench.execution import children
 from bench.reports.report import build_report, load_results, write_index
 from bench.reports.stats import all_cell_stats
 from bench.store.results import (
@@ -35,7 +35,7 @@ THREE_CELLS = TINY_MATRIX.replace("accumulation: [1, 2]", "accumulation: [1, 2, 
 @pytest.fixture
 def fake_worker(monkeypatch):
     """Runs train nothing; FAKE_WORKER_FAIL=<cell ids> makes those cells fail."""
-    monkeypatch.setattr(runner, "WORKER", [sys.executable, str(ROOT / "tests" / "fake_worker.py")])
+    monkeypatch.setattr(children, "WORKER", [sys.executable, str(ROOT / "tests" / "fake_worker.py")])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return monkeypatch
 

@@ -10,7 +10,7 @@ import pytest
 
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
-from bench.execution import runner
+from bench.execution import children, runner
 from bench.store.results import read_rows
 from tests.conftest import TINY_MATRIX
 
@@ -112,7 +112,7 @@ def test_a_memory_cap_just_above_the_libraries_ends_the_run_instead_of_spinning(
     assert row["status"] in ("ok", "oom"), row["error"]
 
 def test_a_child_that_dies_silently_is_recorded(write_matrix, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "WORKER", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    monkeypatch.setattr(children, "WORKER", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
     out = tmp_path / "out"
     assert main(["run", str(write_matrix(TINY_MATRIX)), "--out", str(out)]) == 1
     rows = read_rows(out / "cells.jsonl")

@@ -80,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.executor != "sequential":  # a job array through submitit (bench/execution/submit.py)
         return run_on_cluster(args, matrix, out_dir, settings)
     try:
-        outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed, devices=devices)
+        outcome = run_matrix(matrix, out_dir, fresh=args.fresh, retry_failed=args.retry_failed, devices=devices,
+                             timings=args.timings)
     except Terminated as stopped:
         print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 128 + stopped.signum
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPUs to run on, one run per GPU at a time (default: every visible GPU)")
     run.add_argument("--parallel", type=positive_int, default=1, metavar="N",
                      help="CPU runs at once (needs --shared-timing; default 1)")
+    run.add_argument("--timings", action="store_true",
+                     help="after each run, where its wall time went: start (fork), data, model, warm-up, "
+                          "memory and FLOP steps, timed steps, evaluation, the rest")
     run.add_argument("--shared-timing", action="store_true",
                      help="allow --parallel CPU runs; their rows are marked and their timing not compared")
     add_run_arguments(run)  # --executor, --slurm KEY=VALUE, --wait

@@ -15,6 +15,7 @@ from typing import Any
 
 from bench.config.matrix import Cell, Matrix
 from bench.config.train_config import TrainConfig
+from bench.execution import forkserver
 from bench.parts import lifeline
 from bench.parts.distributed import threads_per_rank
 from bench.store.results import (
@@ -25,6 +26,10 @@ from bench.store.results import (
 )
 
 WORKER = [sys.executable, "-m", "bench.training.worker"]  # + the job file
+THIS_WORKER = tuple(WORKER)  # a test may point WORKER elsewhere; only this command is forked
+# How a world_size 1 run of this tree starts: fork (from the warm fork server, the default) or exec
+# (a fresh interpreter, as before; kept to measure the difference, see tests/test_startup.py).
+START = os.environ.get("TRICKBENCH_START", "fork")
 
 
 LAUNCHER = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, for world_size > 1
@@ -64,18 +69,26 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Signal a child's process group; the child alone if it has none yet (a forked run that has
+    not reached its ``setsid``)."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def _arm_death_signal() -> None:
@@ -107,7 +120,8 @@ def write_job(work_dir: Path, matrix: str, cell_id: str, seed: int, axes: dict[s
     ``env``: the machine as the runner sees it, for a row the runner writes when the child leaves none."""
     stem = f"{cell_id}-{seed}{tag}"
     job = {"matrix": matrix, "cell_id": cell_id, "seed": seed, "axes": axes, "config": config,
-           "row_path": str(work_dir / f"{stem}.row.json"), "runner_pid": os.getpid(), "env": env}
+           "row_path": str(work_dir / f"{stem}.row.json"), "runner_pid": os.getpid(), "env": env,
+           "written_at": time.time()}  # the run's start, as its worker measures it (row phase_s.start)
     job_path = work_dir / f"{stem}.job.json"
     write_atomic(job_path, json.dumps(job))
     return job_path
@@ -134,8 +148,11 @@ class Job:
         record = RunRecord.for_job(job)
         record.env = job.get("env")
         record.start()
-        # Own process group, so a timeout kills the child and anything it started.
-        proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
+        if command == [*THIS_WORKER, str(job_path)] and START != "exec":  # this tree's worker: fork it, warm
+            proc = forkserver.start(job_path, env)
+        else:  # torchrun, or another revision's worker (compare --against): a fresh interpreter
+            # Own process group, so a timeout kills the child and anything it started.
+            proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
         return cls(proc, record, Path(job["row_path"]), time.monotonic(), limit)
 
     @property

@@ -181,11 +181,12 @@ class MatrixOutcome:
 
 
 def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False, retry_failed: bool = False,
-               devices: LocalDevices | None = None) -> MatrixOutcome:
+               devices: LocalDevices | None = None, timings: bool = False) -> MatrixOutcome:
     """Run every (cell, seed) of ``matrix`` without a row from this machine in ``out_dir`` (and, with
     ``retry_failed``, those whose latest row here is a failure), side by side on ``devices``
     (default: every visible GPU for CUDA cells, one CPU run at a time). Refuses, writing nothing,
-    a folder of another matrix. Rows of other machines stay in the file and are not resumed."""
+    a folder of another matrix. Rows of other machines stay in the file and are not resumed.
+    ``timings``: print where each run's wall time went (:func:`format_phases`)."""
     devices = devices or default_devices(matrix)
     with termination_as_exception(), exclusive(out_dir):
         rows_path = out_dir / ROWS_FILE
@@ -205,7 +206,7 @@ def run_matrix(matrix: Matrix, out_dir: Path, fresh: bool = False, retry_failed:
         _print_resume(matrix, latest, todo, rows_path, retry_failed)
         work = fresh_work_dir(out_dir)
         try:
-            written = LocalRuns(matrix, work, rows_path, devices, envs).run(todo)
+            written = LocalRuns(matrix, work, rows_path, devices, envs, timings).run(todo)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         rows = read_rows(rows_path, warn=False)
@@ -270,8 +271,9 @@ class LocalRuns:
     POLL_S = 0.05  # how often to look at children when several run
 
     def __init__(self, matrix: Matrix, work: Path, rows_path: Path, devices: LocalDevices,
-                 envs: dict[int | None, dict[str, Any]]) -> None:
+                 envs: dict[int | None, dict[str, Any]], timings: bool = False) -> None:
         self.matrix, self.work, self.rows_path, self.devices, self.envs = matrix, work, rows_path, devices, envs
+        self.timings = timings
         self.pool = DevicePool(devices.gpus, devices.cpu_slots)
         self.flights: list[Flight] = []
         self.written: list[Row] = []
@@ -339,6 +341,8 @@ class LocalRuns:
               f" | done {self.done_before + done}/{self.total}"
               + (f", {len(self.flights)} in flight" if self.flights else "")
               + f" | ETA {_format_duration(eta)}", flush=True)
+        if self.timings:
+            print(f"      {format_phases(row, time.monotonic() - flight.job.started)}", flush=True)
 
     def may_overlap(self) -> bool:
         """Whether runs may overlap, so that the line of a finished run must name it."""
@@ -348,3 +352,10 @@ class LocalRuns:
         return self.done_before + len(self.written) + len(self.flights)
 
 
+def format_phases(row: Row, total_s: float) -> str:
+    """Where one run's wall time went, from its row's ``phase_s`` and the runner's own clock:
+    ``start`` is the job file's writing to the worker reading it (fork or exec, and imports);
+    ``other`` what no phase covers (the row's writing, the process's exit, the runner's polling)."""
+    phases = dict(row.get("phase_s") or {})
+    phases["other"] = max(0.0, total_s - sum(phases.values()))
+    return "time: " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items()) + f" | total {total_s:.2f} s"

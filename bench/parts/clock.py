@@ -1,8 +1,9 @@
 """The step clock, and the schedule of a run's steps: warm-up, measurement, timed."""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -43,3 +44,19 @@ class StepClock:
             torch.cuda.synchronize()
             self.durations_s += [s.elapsed_time(e) / 1e3 for s, e in self._pending]
             self._pending.clear()
+
+
+class Laps:
+    """Wall seconds per named phase of a run, summed over its occurrences: where a run's time goes
+    (the row's ``phase_s``; ``trickbench run --timings`` prints it). Off the step clocks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started

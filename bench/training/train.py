@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.config.train_config import TrainConfig
 from bench.parts import distributed, flop_formulas  # noqa: F401 - registers FLOP formulas torch lacks
-from bench.parts.clock import MEASUREMENT_STEPS, min_total_steps
+from bench.parts.clock import MEASUREMENT_STEPS, Laps, min_total_steps
 from bench.parts.data import DatasetSplits, augment_train, build_dataset
 from bench.parts.models import build_model
 from bench.parts.schedules import build_scheduler
@@ -205,25 +205,30 @@ class Run:
             f"accuracy_{k}": v for k, v in evaluate(model, loader, self.device, self.tricks, num_classes).items()})
 
 
-def prepare_run(config: TrainConfig, seed: int, device: torch.device) -> Run:
-    """Seeded dataset, model, optimizer and set-up tricks of one run, in the order tricks expect."""
+def prepare_run(config: TrainConfig, seed: int, device: torch.device, laps: Laps | None = None) -> Run:
+    """Seeded dataset, model, optimizer and set-up tricks of one run, in the order tricks expect.
+    ``laps``: where the time of building the data and the model is recorded."""
+    laps = laps or Laps()
     # Per rank, so ranks draw different augmentations and dropout masks; the initial weights are
     # rank 0's on every rank (DDP broadcasts them), the data order comes from the sampler's seed.
     seed_everything(seed + distributed.rank())
     torch.use_deterministic_algorithms(config.deterministic)
     tricks = build_tricks(config)
-    splits = build_dataset(config)
-    splits = augment_train(splits, [t for t in (trick.sample_transform(splits) for trick in tricks) if t is not None])
-    # On its device before a DDP wrap; the input's side length for fixed-size models (ViT).
-    model = build_model(config.model, splits.num_classes, image_size=splits.input_shape[-1]).to(device)
-    for trick in tricks:
-        model = trick.prepare_model(model)
-    model.train()
-    optimizer = build_optimizer(config, model, tricks)
-    context = RunContext(device=device, model=model, optimizer=optimizer, config=config,
-                         num_classes=splits.num_classes, total_steps=optimizer_steps(config, len(splits.train)))
-    for trick in tricks:
-        trick.setup(context)
+    with laps("data"):
+        splits = build_dataset(config)
+        splits = augment_train(splits, [t for t in (trick.sample_transform(splits) for trick in tricks)
+                                        if t is not None])
+    with laps("model"):
+        # On its device before a DDP wrap; the input's side length for fixed-size models (ViT).
+        model = build_model(config.model, splits.num_classes, image_size=splits.input_shape[-1]).to(device)
+        for trick in tricks:
+            model = trick.prepare_model(model)
+        model.train()
+        optimizer = build_optimizer(config, model, tricks)
+        context = RunContext(device=device, model=model, optimizer=optimizer, config=config,
+                             num_classes=splits.num_classes, total_steps=optimizer_steps(config, len(splits.train)))
+        for trick in tricks:
+            trick.setup(context)
     return Run(config, device, splits, model, optimizer, tricks)
 
 
@@ -279,7 +284,8 @@ def train(config: TrainConfig, seed: int, device: torch.device,
           on_progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     """Train one run and return its metrics (the measured part of a results row)."""
     recorder = RunRecorder(device)
-    run = prepare_run(config, seed, device)
+    laps = Laps()
+    run = prepare_run(config, seed, device, laps)
     loader = run.train_loader(seed)
     steps_per_epoch = len(loader)
     total_steps = config.steps or config.epochs * steps_per_epoch
@@ -295,26 +301,28 @@ def train(config: TrainConfig, seed: int, device: torch.device,
     recorder.start_training()
     for step in range(total_steps):
         if step and step % steps_per_epoch == 0:  # the previous epoch is complete: its curve point
-            recorder.end_epoch(step // steps_per_epoch - 1, evaluator)
+            with laps("evaluation"):
+                recorder.end_epoch(step // steps_per_epoch - 1, evaluator)
         timed = step >= first_timed
-        with recorder.fetching(timed):  # a timed step's wait for data counts against throughput
+        with laps("batches"), recorder.fetching(timed):  # a timed step's wait for data counts against throughput
             batch = next(batches)
         if step == memory_at:  # real training steps, but slowed by instrumentation: off every clock
-            with recorder.untimed():
+            with laps("memory_step"), recorder.untimed():
                 loss, memory = memory_step(run, batch)
         elif step == flops_at:
-            with recorder.untimed():
+            with laps("flop_step"), recorder.untimed():
                 loss, flops_per_step = flop_step(run, batch)
         elif timed:
-            with recorder.timed_step():
+            with laps("timed_steps"), recorder.timed_step():
                 loss = run.step(batch)
         else:  # warm-up: allocator, autotuning and lazy state, timed only as warmup_time_s
-            with recorder.warmup_step():
+            with laps("warmup_steps"), recorder.warmup_step():
                 loss = run.step(batch)
         scheduler.step()
         recorder.add_loss(loss)
         on_progress(step + 1, total_steps)
-    recorder.end_epoch((total_steps - 1) // steps_per_epoch, evaluator)  # possibly a partial epoch
+    with laps("evaluation"):
+        recorder.end_epoch((total_steps - 1) // steps_per_epoch, evaluator)  # possibly a partial epoch
     on_progress(total_steps, total_steps)
 
     metrics = recorder.summary(global_batch_size=config.per_rank_batch_size * distributed.world_size())
@@ -332,6 +340,7 @@ def train(config: TrainConfig, seed: int, device: torch.device,
         # DataLoader pins only for an accelerator; on CPU pin_memory: true is recorded as not applied.
         pin_memory_applied=loader.pin_memory and device.type == "cuda",
         **every_rank_memory(memory),
+        phase_s=laps.seconds,
     )
     for trick in run.tricks:
         metrics.update(trick.metrics())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing.forkserver
 import os
 import resource
 import signal
@@ -20,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import setproctitle
 import torch
 
 from bench.config.train_config import TrainConfig
 from bench.parts import distributed, lifeline
+from bench.parts.clock import Laps
 from bench.store.results import RunRecord, write_atomic
 from bench.training.measure import environment
 from bench.training.train import Diverged, train
@@ -117,12 +120,15 @@ def describe(error: BaseException, status: str, config: TrainConfig, step: int) 
     return text
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one (cell, seed) and return its row; every failure inside the run is a row too."""
+def run_job(job: dict[str, Any], started_s: float = 0.0) -> dict[str, Any]:
+    """Train one (cell, seed) and return its row; every failure inside the run is a row too.
+    ``started_s``: seconds from the job file's writing to this process reading it (its start)."""
     config = TrainConfig.from_dict(job["config"], file="<job>")
     device = distributed.rank_device(config.device)
     record = RunRecord.for_job(job)
-    record.env = environment(device)  # before the memory cap: it starts git
+    laps = Laps()
+    with laps("environment"):
+        record.env = environment(device)  # before the memory cap: it starts git
     progress = StepProgress()
     fault = injected_fault()
 
@@ -136,6 +142,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if config.memory_limit_mb is not None and device.type == "cpu":
             limit_memory(config.memory_limit_mb)
         record.metrics = train(config, job["seed"], device, on_progress=on_progress)
+        record.metrics["phase_s"] = {"start": started_s, **laps.seconds, **record.metrics["phase_s"]}
     except Exception as error:  # noqa: BLE001 - every failure becomes data
         step = error.step if isinstance(error, Diverged) else progress.step
         status = classify(error)
@@ -144,17 +151,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return record.to_row()
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], forked: bool = False) -> int:
+    """Run the job file ``argv[0]``; ``forked``: started by the fork server, not by the runner."""
+    entered = time.time()
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text())
-    # Exit with the parent (the runner, or torchrun for a rank), even one killed by SIGKILL.
+    # Exit with the parent (the runner, the fork server, or torchrun for a rank), even one killed by SIGKILL.
     lifeline.die_with_parent(signal.SIGKILL)
-    single = job["config"].get("world_size", 1) == 1  # else the parent is torchrun, not the runner
+    single = job["config"].get("world_size", 1) == 1 and not forked  # else the parent is not the runner
     lifeline.watch_parent(job.get("runner_pid") if single else None)
     if job["config"].get("deterministic"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at init
     with distributed.process_group(distributed.rank_device(job["config"]["device"])):
-        row = run_job(job)
+        row = run_job(job, started_s=entered - job.get("written_at", entered))
         failed = row["status"] != "ok"
         out = Path(job["row_path"])
         if distributed.local_rank() != 0:
@@ -165,6 +174,26 @@ def main(argv: list[str]) -> int:
         if failed and distributed.world_size() > 1:
             raise SystemExit(1)  # skips the group's teardown; torchrun stops the other ranks
     return 0
+
+
+def forked_main(job_path: str, env: dict[str, str]) -> None:
+    """A run forked from the fork server (bench.execution.forkserver), made to look like a fresh
+    worker process before :func:`main` runs."""
+    os.setsid()  # a session of its own, as a fresh child gets: a time limit kills the whole group
+    # multiprocessing hands each forked child the write end of the pipe whose EOF tells the server
+    # that the runner is gone. Held here, it would keep the server (and so this run, whose death
+    # signal fires when the server exits) alive after a SIGKILL of the runner: close it.
+    server = multiprocessing.forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    # ps (and whoever looks for a run's processes) sees the run's job, not the fork server's command
+    setproctitle.setproctitle(f"{sys.executable} -m bench.training.worker {job_path}")
+    os.environ.clear()
+    os.environ.update(env)  # the runner's environment of this run: its devices, its share of the cores
+    if "OMP_NUM_THREADS" in env:  # a fresh process reads it when torch loads; this one loaded before
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    raise SystemExit(main([job_path], forked=True))
 
 
 if __name__ == "__main__":
