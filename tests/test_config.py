@@ -5,6 +5,7 @@ import torch
 from bench.base.errors import ConfigError
 from bench.config.matrix import load_matrix
 from bench.config.train_config import TrainConfig
+from bench.training.feasibility import load_runnable_matrix
 from tests.conftest import TINY_MATRIX
 
 GOOD_BASE = "base: {model: tiny_cnn, dataset: digits, epochs: 1}"
@@ -236,7 +237,7 @@ def test_minimum_run_length_is_one_named_rule(write_matrix):
     fits = TINY_MATRIX.replace("steps: 6", f"steps: {min_total_steps(1)}")
     load_matrix(write_matrix(fits))
     with pytest.raises(ConfigError, match=f"at least {min_total_steps(1)} optimizer steps"):
-        load_matrix(write_matrix(fits.replace(f"steps: {min_total_steps(1)}", f"steps: {min_total_steps(1) - 1}")))
+        load_runnable_matrix(write_matrix(fits.replace(f"steps: {min_total_steps(1)}", f"steps: {min_total_steps(1) - 1}")))
 
 
 @pytest.mark.parametrize("dataset,extra", [("digits", {}), ("synthetic", {"num_samples": 100, "num_classes": 7}),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench.config.train_config import build_train_config
+from bench.parts import clock as clock_module
 from bench.training import measure
 from bench.training import train as train_module
 from bench.training.measure import RunRecorder, datasheet_key
@@ -89,7 +90,9 @@ class FakeTime:
 @pytest.fixture
 def fake_time(monkeypatch):
     clock = FakeTime()
-    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    fake = types.SimpleNamespace(perf_counter=clock.perf_counter)
+    monkeypatch.setattr(measure, "time", fake)
+    monkeypatch.setattr(clock_module, "time", fake)  # the step clock lives in bench.parts.clock
     return clock
 
 

@@ -75,11 +75,11 @@ def test_failures_are_recorded_and_the_matrix_goes_on(write_matrix, tmp_path, ca
     path = write_matrix(f"""
         name: failing
         base: {{model: tiny_cnn, dataset: synthetic, num_samples: 64, image_size: 8, batch_size: 16,
-               steps: 6, warmup_steps: 1, data_dir: '{tmp_path / "data"}'}}
+               steps: 3000, warmup_steps: 1, data_dir: '{tmp_path / "data"}'}}
         design: one_at_a_time
         axes:
           dataset: [synthetic, cifar10]      # cifar10's files are missing and download is off: error
-          time_limit_s: [600, 1]             # 1 s is less than start-up: timeout
+          time_limit_s: [600, 1]             # 3000 steps take longer than 1 s (a warm start does not): timeout
           memory_limit_mb: [null, 1]         # 1 MiB more than start-up: oom
         """)
     out = tmp_path / "out"

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.base.errors import ConfigError
-from bench.config.train_config import CHOICES, build_train_config
+from bench.config.train_config import build_train_config
 from bench.parts.data import build_dataset
 from bench.training.train import prepare_run
 from bench.tricks import TRICKS
-from bench.tricks.augment import augmentation
+from bench.tricks.augment import CHOICES, augmentation
 
 CPU = torch.device("cpu")
 SIZE = 16

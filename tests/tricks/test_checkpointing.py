@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-import bench.parts.models
 from bench.config.train_config import build_train_config
 from bench.parts.models import build_model
 from bench.training.train import run_step
+from bench.tricks import checkpointing
 from bench.tricks.checkpointing import Checkpointed, Checkpointing, apply_checkpointing, find_blocks
 from bench.tricks.spec import RunContext
 
@@ -95,7 +95,7 @@ def test_find_blocks_nothing_to_checkpoint():
 def test_check_rejects_model_without_blocks(monkeypatch):
     config = build_train_config({"epochs": 1, "model": "tiny_cnn", "checkpointing": True}, "test")
     Checkpointing.check(True, config)  # tiny_cnn has blocks
-    monkeypatch.setattr(bench.parts.models, "build_model", lambda name, num_classes: nn.Linear(2, 2))
+    monkeypatch.setattr(checkpointing, "build_model", lambda name, num_classes: nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no blocks"):
         Checkpointing.check(True, config)
     Checkpointing.check(False, config)  # off: nothing to check
