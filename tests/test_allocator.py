@@ -2,6 +2,7 @@
 Against an independent replay on real training steps: test_memory_reference.py."""
 import os
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -15,8 +16,12 @@ MIB = 2**20
 
 
 def test_replay_is_the_running_sum_s_maximum_above_the_start():
-    assert replay_high_water(iter([4, 8, -4, 2, -8])) == 12
-    assert replay_high_water(iter([-4, 2, -2])) == 0  # a free of what was live at the start, then less than it
+    assert replay_high_water([(1, 4), (2, 8), (1, -4), (3, 2), (2, -8)]) == 12
+    # A free of a block from before the replay counts nothing, whatever size it reports (a stale one).
+    assert replay_high_water([(1, 4), (9, -100), (2, 4)]) == 8
+    # A free is the block's own size; an address allocated again had its free unreported.
+    assert replay_high_water([(1, 4), (1, -2), (2, 4)]) == 4
+    assert replay_high_water([(1, 4), (1, 6), (2, 1)]) == 7
 
 
 def test_cpu_reading_is_every_allocation_of_the_block():
@@ -29,6 +34,27 @@ def test_cpu_reading_is_every_allocation_of_the_block():
     assert reading.source == "cpu_allocator_events"
     assert reading.above_start_bytes == 3 * MIB
     assert reading.peak_bytes(live_at_start=100) == 100 + 3 * MIB
+
+
+def test_a_free_reported_with_a_stale_size_does_not_lower_the_reading():
+    """The CPU allocator records a block's size only while a profiler runs, and forgets it only
+    then: a block freed between two profiled steps leaves its size behind at its address, and the
+    free of the next block there reports that size."""
+    for _ in range(20):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+            old = torch.empty(96 * 1024, dtype=torch.uint8)
+        address = old.data_ptr()
+        del old  # no profiler running: 96 KiB stays recorded at that address
+        block = torch.empty(90 * 1024, dtype=torch.uint8)  # best fit: that block
+        if block.data_ptr() == address:
+            break
+    else:
+        pytest.skip("malloc never gave the same address back")
+    with allocator_peak(CPU) as reading:
+        del block  # reported as a free of 96 KiB
+        new = torch.empty(4096, dtype=torch.uint8)
+    del new
+    assert reading.above_start_bytes == 4096
 
 
 def test_profiler_chatter_is_kept_out_of_stderr_and_everything_else_kept(capfd):

@@ -4,15 +4,18 @@ CUDA keeps one: ``max_memory_allocated``, reset before the step (everything allo
 device, the run's storages and the libraries' workspaces alike). The CPU allocator keeps none,
 but ``torch.profiler`` with ``profile_memory=True`` reports each allocation and free it makes for
 the profiled thread and the threads that thread hands work to (intra-op workers, autograd) as a
-``[memory]`` event of ±bytes. Replayed in order, their running sum is what the step holds beyond
-what was live when it began; its maximum, plus the bytes live at the start, is the step's peak.
-That includes what no op-level count sees: buffers a kernel allocates and frees inside one op
-(oneDNN's reorders in a convolution's backward, e.g. a layout copy under channels_last).
+``[memory]`` event: an address and ±bytes. Replayed in order, their running sum is what the step
+holds beyond what was live when it began; its maximum, plus the bytes live at the start, is the
+step's peak. That includes what no op-level count sees: buffers a kernel allocates and frees
+inside one op (oneDNN's reorders in a convolution's backward, e.g. a layout copy under
+channels_last).
 
-What the CPU reading does not see: memory that is not c10's CPU allocator's (numpy-backed
-tensors, DataLoader workers' shared memory), and the free of a block allocated before the
-profiler started (the allocator no longer knows its size, so it reports nothing): such a block
-freed inside the step stays counted until the step ends, so the reading errs high, never low.
+A free counts only for a block allocated in the step, with the size it was allocated with: the
+allocator learns block sizes only while a profiler runs, so the free of an older block is not
+reported at all or, in a process profiled before (tests, ``attention-memory``), reported with the
+size of whatever held that address then. A block from before the step that the step frees thus
+stays counted until the step ends: the reading errs high, never low. Not seen at all: memory
+that is not c10's CPU allocator's (numpy-backed tensors, DataLoader workers' shared memory).
 The profiler slows the step it watches; the memory step is off every clock anyway.
 """
 from __future__ import annotations
@@ -23,9 +26,10 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.store.results import PEAK_MEMORY_SOURCES
@@ -56,22 +60,34 @@ class AllocatorPeak:
         return None
 
 
-def replay_high_water(sizes: Iterator[int]) -> int:
-    """Most bytes held above the starting level, from allocation sizes (+) and frees (−) in order."""
+def replay_high_water(events: Iterable[tuple[int, int]]) -> int:
+    """Most bytes held above the starting level, from (address, +bytes allocated | −bytes freed)
+    in order; a free counts only for a block allocated in the replay, with that block's size."""
+    blocks: dict[int, int] = {}  # address -> bytes of the live blocks allocated in the replay
     running = high = 0
-    for nbytes in sizes:
-        running += nbytes
-        high = max(high, running)
+    for address, nbytes in events:
+        if nbytes > 0:
+            running += nbytes - blocks.get(address, 0)  # a block whose free went unreported is gone
+            blocks[address] = nbytes
+            high = max(high, running)
+        else:
+            running -= blocks.pop(address, 0)
     return high
 
 
-def cpu_memory_event_sizes(prof: profile) -> list[int]:
-    """±bytes of every CPU allocator event of a finished profile, in time order."""
-    # The raw events: the public FunctionEvents fold allocations into the ops that made them.
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())  # stable: equal stamps keep the order they were recorded in
-    return [e.nbytes() for e in events]
+def cpu_allocator_events(prof: profile) -> list[tuple[int, int]]:
+    """(address, ±bytes) of every CPU allocator event of a finished profile, in time order."""
+    # The profiler's event tree: the kineto event list has the sizes but not the addresses.
+    found = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        fields = event.extra_fields
+        if event.tag == _EventType.Allocation and fields.device.type == "cpu" and fields.alloc_size:
+            found.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+    found.sort(key=lambda e: e[0])
+    return [(address, nbytes) for _, address, nbytes in found]
 
 
 @contextlib.contextmanager
@@ -109,9 +125,9 @@ def allocator_peak(device: torch.device) -> Iterator[AllocatorPeak]:
         with stderr_without(_PROFILER_NOISE):
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 yield reading
-            sizes = cpu_memory_event_sizes(prof)
-        if sizes:  # a training step allocates: no events at all means the profiler saw nothing
-            reading.above_start_bytes = replay_high_water(iter(sizes))
+            events = cpu_allocator_events(prof)
+        if events:  # a training step allocates: no events at all means the profiler saw nothing
+            reading.above_start_bytes = replay_high_water(events)
         else:
             reading.source = LEDGER
     else:
