@@ -12,7 +12,7 @@ step (same batch, same tricks), replayed by this file.
 
 Tolerance ±0.5% for every case: the two sides differ only in how the bytes live at the start are
 found and in running one step later, deterministically on one thread; on ResNet-18 at batch 32
-they agree to the byte in all twelve cases (the table below), so 0.5% (1.3 MiB there) is margin,
+they agree to the byte in all thirteen cases (the table below), so 0.5% (1.3 MiB there) is margin,
 not slack hiding a known gap, and is well below what the ledger alone misses (1.5-5%).
 
 As a script it prints the table for ResNet-18 (CIFAR stem) at batch 32, 32x32, fp32, SGD with
