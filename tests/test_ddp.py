@@ -244,6 +244,9 @@ def test_scaling_end_to_end(write_matrix, work_in_tmp, capsys):
     assert [r["world_size"] for r in rows] == [1, 2] and all(r["status"] == "ok" for r in rows)
     assert rows[1]["config"]["world_size"] == 2 and len(rows[1]["peak_memory_bytes_per_rank"]) == 2
     assert rows[1]["peak_memory_bytes"] == max(rows[1]["peak_memory_bytes_per_rank"])
+    for row in rows:  # the allocator's peak on every rank; the largest rank's parts sum to it
+        assert row["peak_memory_source"] == "cpu_allocator_events"
+        assert sum(row["memory_breakdown"].values()) == row["peak_memory_bytes"]
     assert rows[1]["env"]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()

@@ -1,41 +1,47 @@
-"""The memory tracker against an independent reference: the CPU allocator itself.
+"""The row's peak memory against an independent reference: the CPU allocator, replayed here.
 
-Reference peak = bytes of every tensor storage alive before the step that the run created (found
-with ``gc``, not with the tracker's own enumeration) + the high-water mark of the CPU allocator
-during the step, replayed from ``torch.profiler`` memory events (each allocation and free, in
-time order). The tracker sees storages at the level of ops, so it misses only what a kernel
-allocates for itself and frees before returning (oneDNN's reordered weights and copies in a
-convolution's backward): it may be below the allocator, never above it.
+Under test: ``memory_step``'s ``peak_memory_bytes`` = the bytes of the step's own storages live
+when it begins (as the ledger registers them) + the high-water mark of the CPU allocator's
+``torch.profiler`` memory events in that step (replayed by ``bench.training.allocator``), and its
+``memory_breakdown``: the ledger's parts at the ledger's peak + ``untracked``.
+
+Reference, with code of its own: the bytes of every CPU tensor storage that the run created and
+holds before the next step (found with ``gc``, not the ledger's registration; the dataset, which
+the step never reads, left out) + the high-water mark of the allocator's events over that next
+step (same batch, same tricks), replayed by this file.
+
+Tolerance ±0.5% for every case: the two sides differ only in how the bytes live at the start are
+found and in running one step later, deterministically on one thread; on ResNet-18 at batch 32
+they agree to the byte in all thirteen cases (the table below), so 0.5% (1.3 MiB there) is margin,
+not slack hiding a known gap, and is well below what the ledger alone misses (1.5-5%).
 
 As a script it prints the table for ResNet-18 (CIFAR stem) at batch 32, 32x32, fp32, SGD with
-momentum, one thread:  PYTHONPATH=. python tests/test_memory_reference.py
+momentum unless stated, one thread:  PYTHONPATH=. python tests/test_memory_reference.py
 """
 from __future__ import annotations
 
 import functools
 import gc
+import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
 from torch import nn
+from torch._C._profiler import _EventType
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.profiler import ProfilerActivity, profile
 
+from bench.config.train_config import build_train_config
 from bench.parts.models import build_model
-from bench.training.memory import MemoryReport, track_step_memory
-from bench.training.train import run_step
-from bench.tricks.accumulation import Accumulation
-from bench.tricks.checkpointing import Checkpointing
-from bench.tricks.ema import EMA
-from bench.tricks.sam import SAM
-from bench.tricks.spec import RunContext, Trick
+from bench.training.train import Run, memory_step, prepare_run
+from bench.tricks.spec import Batch
 
 CPU = torch.device("cpu")
 MIB = 2**20
-TOLERANCE = 0.05
+TOLERANCE = 0.005
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -44,12 +50,14 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 # ---- the reference: gc + the allocator's own events ----
 def cpu_storages() -> list[torch.UntypedStorage]:
     found = {}
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():  # isinstance on deprecated objects (torch.distributed.reduce_op) warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if _is_tensor(obj)]
+    for obj in tensors:
         try:
             # A compiler's fake tensors left by an earlier test in this process hold no real bytes
-            # (their data_ptr is meaningless or raises); a dead weak proxy raises on isinstance.
-            if (not isinstance(obj, torch.Tensor) or isinstance(obj, FakeTensor) or obj.device.type != "cpu"
-                    or obj.is_meta):
+            # (their data_ptr is meaningless or raises).
+            if isinstance(obj, FakeTensor) or obj.device.type != "cpu" or obj.is_meta:
                 continue
             storage = obj.untyped_storage()
             found[storage.data_ptr()] = storage
@@ -58,75 +66,151 @@ def cpu_storages() -> list[torch.UntypedStorage]:
     return [s for s in found.values() if s.nbytes()]
 
 
-def allocator_high_water_bytes(step: Callable[[], object]) -> tuple[int, int, list[tuple[str, int, int]]]:
-    """(bytes above the level at the start, time of that peak, (name, start, end) of every op range)."""
+def _is_tensor(obj: object) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:  # a dead weak proxy
+        return False
+
+
+def allocator_high_water_bytes(step: Callable[[], object]) -> tuple[int, list[str]]:
+    """(bytes above the level at the start, names of the ops the allocation at that peak was made in).
+
+    Allocations and frees by address, in time order. The allocator reports a block's size only if
+    it was allocated while some profiler ran: a free of an older block is unreported, or reported
+    with the size of whatever an earlier profiled step held at that address. So a free counts here
+    only for a block allocated inside ``step``, with that block's size."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = prof.profiler.kineto_results.events()  # raw events: FunctionEvents fold allocations into ops
-    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU),
-                    key=lambda e: e.start_ns())
-    running = peak = peak_ns = 0
-    for event in memory:
-        running += event.nbytes()
-        if running > peak:
-            peak, peak_ns = running, event.start_ns()
-    ranges = [(e.name(), e.start_ns(), e.end_ns()) for e in events if e.name() != "[memory]"]
-    return peak, peak_ns, ranges
+    allocations = []
+
+    def collect(events) -> None:
+        for event in events:
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                allocations.append(event)
+            collect(event.children)
+
+    collect(prof.profiler.kineto_results.experimental_event_tree())
+    allocations.sort(key=lambda e: e.start_time_ns)
+    held: dict[int, int] = {}
+    level = peak = 0
+    peak_event = None
+    for event in allocations:
+        address, size = event.extra_fields.ptr, event.extra_fields.alloc_size
+        level -= held.pop(address, 0)  # freed, or allocated again after an unreported free
+        if size > 0:
+            held[address] = size
+            level += size
+            if level > peak:
+                peak, peak_event = level, event
+    names, parent = [], peak_event.parent if peak_event else None
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.parent
+    return peak, names
 
 
 @dataclass
 class Measured:
-    tracker: MemoryReport
+    row: dict[str, Any]  # memory_step's metrics
     reference_bytes: int
     param_bytes: int
-    peak_in: list[str]  # names of the op ranges around the allocator's peak
+    peak_in: list[str]  # the ops the reference's peak allocation was made in, innermost first
+
+    @property
+    def peak(self) -> int:
+        return self.row["peak_memory_bytes"]
+
+    @property
+    def ledger_peak(self) -> int:
+        return self.peak - self.row["memory_breakdown"]["untracked"]
 
     @property
     def ratio(self) -> float:
-        return self.tracker.peak_memory_bytes / self.reference_bytes
+        return self.peak / self.reference_bytes
 
 
-def measure(make_model: Callable[[], nn.Module], tricks: tuple[Trick, ...] = (), optimizer: str = "sgd",
-            batch_size: int = 32, input_shape: tuple[int, ...] = (3, 32, 32), reference: bool = True) -> Measured:
-    """One warm-up step, then the same step under the tracker and (``reference``) under the profiler."""
+def measure(make_run: Callable[[], tuple[Run, Batch, list[torch.Tensor]]], reference: bool = True) -> Measured:
+    """A warm-up step, the memory step, then (``reference``) the next step under this file's replay.
+
+    ``make_run`` returns the run, its batch and the tensors the step never reads (the dataset)."""
     existing = weakref.WeakSet(cpu_storages())  # whatever lives before this run is not the run's
-    torch.manual_seed(0)
-    model = make_model()
-    for trick in tricks:
-        model = trick.prepare_model(model)
-    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01))
-    for trick in tricks:
-        trick.setup(RunContext(CPU, model, opt, None))
-    batch = (torch.randn(batch_size, *input_shape), torch.randint(0, 10, (batch_size,)))
-    run_step(model, opt, list(tricks), batch)  # optimizer state exists from here on
-    opt.zero_grad(set_to_none=True)  # as the loop does first in every step
-
-    with track_step_memory(model, opt, list(tricks), batch, CPU) as ledger:
-        run_step(model, opt, list(tricks), batch, instrument=ledger.instrument)
-    param_bytes = sum(p.nbytes for p in model.parameters())
+    run, batch, unread = make_run()
+    run.step(batch)  # optimizer state exists from here on
+    row = memory_step(run, batch)[1]  # its loss dropped: the next step's reference would count it
+    param_bytes = sum(p.nbytes for p in run.model.parameters())
     if not reference:
-        return Measured(ledger.report(), 0, param_bytes, [])
-    opt.zero_grad(set_to_none=True)
+        return Measured(row, 0, param_bytes, [])
+    run.optimizer.zero_grad(set_to_none=all(trick.release_gradients() for trick in run.tricks))  # as the step does
     gc.collect()
-    before = sum(s.nbytes() for s in cpu_storages() if s not in existing)
-    peak, peak_ns, ranges = allocator_high_water_bytes(lambda: run_step(model, opt, list(tricks), batch))
-    return Measured(ledger.report(), before + peak, param_bytes,
-                    [name for name, start, end in ranges if start <= peak_ns <= end])
+    skip = {t.untyped_storage().data_ptr() for t in unread}
+    before = sum(s.nbytes() for s in cpu_storages() if s not in existing and s.data_ptr() not in skip)
+    peak, peak_in = allocator_high_water_bytes(lambda: run.step(batch))
+    return Measured(row, before + peak, param_bytes, peak_in)
 
 
 def assert_matches_allocator(m: Measured) -> None:
-    assert sum(m.tracker.breakdown.values()) == m.tracker.peak_memory_bytes  # parts sum to the peak exactly
+    assert m.row["peak_memory_source"] == "cpu_allocator_events"
+    assert sum(m.row["memory_breakdown"].values()) == m.peak  # parts sum to the peak exactly
+    assert m.row["memory_breakdown"]["untracked"] >= 0  # the ledger never sees more than the allocator
     assert 1 - TOLERANCE <= m.ratio <= 1 + TOLERANCE, (
-        f"tracker {m.tracker.peak_memory_bytes / MIB:.2f} MiB vs allocator {m.reference_bytes / MIB:.2f} MiB")
+        f"row {m.peak / MIB:.2f} MiB vs allocator reference {m.reference_bytes / MIB:.2f} MiB")
 
 
-def tiny_cnn() -> nn.Module:
-    return build_model("tiny_cnn", num_classes=10)
+def configured(model: str, batch_size: int, **settings: Any) -> Callable[[], tuple[Run, Batch, list[torch.Tensor]]]:
+    """A run as the loop builds it, on a synthetic batch that is the whole training set."""
+
+    def make() -> tuple[Run, Batch, list[torch.Tensor]]:
+        config = build_train_config({"model": model, "dataset": "synthetic", "num_samples": batch_size,
+                                     "image_size": 32, "num_classes": 10, "batch_size": batch_size, "steps": 10,
+                                     "warmup_steps": 1, **settings}, "reference")
+        run = prepare_run(config, seed=0, device=CPU)
+        batch = tuple(t.clone() for t in run.splits.train.tensors)  # as collated: tensors of their own
+        return run, batch, [*run.splits.train.tensors, *run.splits.test.tensors]
+
+    return make
 
 
-def resnet18_cifar() -> nn.Module:
-    return build_model("resnet18_cifar", num_classes=10)
+def by_hand(make_model: Callable[[], nn.Module], optimizer: str,
+            batch_size: int) -> Callable[[], tuple[Run, Batch, list[torch.Tensor]]]:
+    def make() -> tuple[Run, Batch, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = make_model()
+        opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if optimizer == "sgd"
+               else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01))
+        batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
+        return Run(None, CPU, None, model, opt, []), batch, []
+
+    return make
+
+
+# Every trick that changes what the step holds, and the layouts and batch transforms whose
+# buffers no op-level count sees. Settings are a matrix cell's.
+CASES: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "lookahead": {"lookahead": {"k": 5, "alpha": 0.5}},
+    "zero_grad=zeros": {"zero_grad": "zeros"},
+    "mixup": {"mixup": 0.2},
+    "cutmix": {"cutmix": 1.0},
+    "progressive_resizing": {"progressive_resizing": {"start": 0.5, "end": 1.0, "until": 0.75}},
+    "channels_last": {"channels_last": True},
+    "checkpointing": {"checkpointing": True},
+    "accumulation=4": {"accumulation": 4},
+    "ema": {"ema": 0.8},
+    "sam": {"sam": 0.05},
+    "adamw": {"optimizer": {"name": "adamw", "lr": 0.001}},
+    # Last: after a dozen profiled steps in this process, where frees report stale sizes
+    # (bench.training.allocator); double backward frees many blocks of many sizes.
+    "input_grad_penalty": {"input_grad_penalty": 0.01},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tiny_cnn_peak_matches_the_allocator(case):
+    """Activations dominate tiny_cnn at batch 128; each case runs in about a second."""
+    m = measure(configured("tiny_cnn", 128, **CASES[case]))
+    assert_matches_allocator(m)
+    assert m.row["memory_breakdown"]["parameters"] == m.param_bytes
 
 
 def linear_heavy() -> nn.Module:
@@ -135,82 +219,69 @@ def linear_heavy() -> nn.Module:
                          nn.Linear(2048, 10))
 
 
-# Fresh trick instances per measurement (setup stores the run on them).
-CASES: dict[str, Callable[[], dict]] = {
-    "baseline": lambda: {},
-    "checkpointing": lambda: {"tricks": (Checkpointing(True),)},
-    "ema": lambda: {"tricks": (EMA(0.99),)},
-    "sam": lambda: {"tricks": (SAM(0.05),)},
-    "accumulation=4": lambda: {"tricks": (Accumulation(4),)},
-    "adamw": lambda: {"optimizer": "adamw"},
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_tiny_cnn_peak_matches_the_allocator(case):
-    """Activations dominate tiny_cnn at batch 128; each case runs in about a second."""
-    kwargs = CASES[case]()
-    m = measure(tiny_cnn, batch_size=128, **kwargs)
-    assert_matches_allocator(m)
-    parts = m.tracker.breakdown
-    assert parts["parameters"] == m.param_bytes
-    if case == "ema":  # the averaged copy: every parameter and buffer, and its update counter
-        averaged = kwargs["tricks"][0].averaged
-        assert parts["trick_state"] == sum(t.nbytes for t in (*averaged.parameters(), *averaged.buffers()))
-    if case == "sam":  # the weights saved before the perturbation are live through the second pass
-        assert parts["trick_state"] >= m.param_bytes
-    if case == "adamw":  # two moments per parameter and a step counter per parameter tensor
-        n_tensors = len(list(tiny_cnn().parameters()))
-        assert parts["optimizer_state"] == 2 * m.param_bytes + 4 * n_tensors
-
-
 def test_linear_heavy_model_counts_weight_views_once():
-    m = measure(linear_heavy, batch_size=64)
+    m = measure(by_hand(linear_heavy, "sgd", 64))
     assert_matches_allocator(m)
     # Parameters, momentum and gradients are the bulk; a view counted as new would add 42 MiB.
-    assert m.tracker.breakdown["parameters"] == m.param_bytes
+    assert m.row["memory_breakdown"]["parameters"] == m.param_bytes
+    # Matmuls allocate nothing of their own: here the ledger alone is within 1% of the allocator.
+    assert m.row["memory_breakdown"]["untracked"] <= 0.01 * m.peak
 
 
 def test_peak_in_the_optimizer_step_matches_the_allocator():
     """Batch 2: the activations are tiny, so AdamW's temporaries in its step make the peak."""
-    m = measure(linear_heavy, optimizer="adamw", batch_size=2)
+    m = measure(by_hand(linear_heavy, "adamw", 2))
     assert any(name.startswith("Optimizer.step") for name in m.peak_in), m.peak_in  # the reference says so
     assert_matches_allocator(m)
-    assert m.tracker.breakdown["gradients"] == m.param_bytes  # every gradient is alive at that peak
+    assert m.row["memory_breakdown"]["gradients"] == m.param_bytes  # every gradient is alive at that peak
 
 
 # ---- ResNet-18 at batch 32 (the issue's configuration) ----
 @functools.cache
 def resnet18_batch32(case: str) -> Measured:
-    """Tracker only (no reference pass), cached: about 5 s of CPU per case."""
-    return measure(resnet18_cifar, batch_size=32, reference=False, **CASES[case]())
+    """The memory step only (no reference pass), cached: a few seconds of CPU per case."""
+    return measure(configured("resnet18_cifar", 32, **CASES[case]), reference=False)
 
 
 def test_resnet18_checkpointing_lowers_the_peak():
     checkpointed, baseline = resnet18_batch32("checkpointing"), resnet18_batch32("baseline")
-    assert checkpointed.tracker.peak_memory_bytes < baseline.tracker.peak_memory_bytes
     # Not only activations traded for "other": the whole peak is lower by at least a tenth.
-    assert checkpointed.tracker.peak_memory_bytes < 0.9 * baseline.tracker.peak_memory_bytes
+    assert checkpointed.peak < 0.9 * baseline.peak
+
+
+def test_resnet18_channels_last_adds_a_layout_copy_only_the_allocator_sees():
+    """NHWC weights: a convolution's backward copies its weight gradient between layouts inside the
+    op (aten::to under convolution_backward in the profile), 9 MiB for a 512x512x3x3 layer-4 conv."""
+    nhwc, baseline = resnet18_batch32("channels_last"), resnet18_batch32("baseline")
+    ratio = nhwc.peak / baseline.peak
+    assert 1 < ratio < 1.1, ratio  # measured 1.036 under load (262.2 -> 271.6 MiB); the bound is only sanity
+    batch_copy = 32 * 3 * 32 * 32 * 4  # the NHWC copy of the batch, an op output the ledger does see
+    assert nhwc.ledger_peak - baseline.ledger_peak == batch_copy
+    hidden = nhwc.row["memory_breakdown"]["untracked"] - baseline.row["memory_breakdown"]["untracked"]
+    largest_weight = max(p.nbytes for p in build_model("resnet18_cifar", num_classes=10).parameters())
+    assert hidden == nhwc.peak - baseline.peak - batch_copy  # the rest of the excess is what no op-level count sees
+    assert largest_weight <= hidden <= 2 * largest_weight  # one weight-sized layout copy, give or take
 
 
 @pytest.mark.slow
 def test_resnet18_ema_adds_at_least_a_copy_of_the_parameters():
     ema, baseline = resnet18_batch32("ema"), resnet18_batch32("baseline")
-    assert ema.tracker.peak_memory_bytes >= baseline.tracker.peak_memory_bytes + baseline.param_bytes
+    assert ema.peak >= baseline.peak + baseline.param_bytes
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_resnet18_batch32_peak_matches_the_allocator(case):
-    assert_matches_allocator(measure(resnet18_cifar, batch_size=32, **CASES[case]()))
+    assert_matches_allocator(measure(configured("resnet18_cifar", 32, **CASES[case])))
 
 
 def print_resnet18_table() -> None:
-    print("| case | tracker (MiB) | allocator reference (MiB) | ratio |\n|---|---:|---:|---:|")
-    for case, kwargs in CASES.items():
-        m = measure(resnet18_cifar, batch_size=32, **kwargs())
-        print(f"| {case} | {m.tracker.peak_memory_bytes / MIB:.1f} | {m.reference_bytes / MIB:.1f} | {m.ratio:.3f} |",
-              flush=True)
+    print("| case | ledger (MiB) | row's peak: allocator (MiB) | reference (MiB) | ledger ÷ allocator | "
+          "row − reference (bytes) |\n|---|---:|---:|---:|---:|---:|")
+    for case, settings in CASES.items():
+        m = measure(configured("resnet18_cifar", 32, **settings))
+        print(f"| {case} | {m.ledger_peak / MIB:.1f} | {m.peak / MIB:.1f} | {m.reference_bytes / MIB:.1f} | "
+              f"{m.ledger_peak / m.peak:.3f} | {m.peak - m.reference_bytes} |", flush=True)
 
 
 if __name__ == "__main__":

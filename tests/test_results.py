@@ -54,7 +54,7 @@ def test_record_owns_the_row():
     record.start()
     record.finish(2.5)
     row = record.to_row()
-    assert row["schema_version"] == SCHEMA_VERSION == 2
+    assert row["schema_version"] == SCHEMA_VERSION == 3
     assert row["wall_time_s"] == 2.5  # the record's field wins over a metric of the same name
     assert isinstance(row["load_avg_1m_start"], float) and isinstance(row["load_avg_1m_end"], float)
     assert row_problem(good_row()) is None
@@ -88,7 +88,16 @@ JUNK_LINES = {
     "breakdown of text": json.dumps(good_row(memory_breakdown={"activations": "1 MiB"})),
     "world_size as text": json.dumps(good_row(config={"world_size": "2"})),
     "env as list": json.dumps(good_row(env=["cpu"])),
+    "unknown peak source": json.dumps(good_row(peak_memory_source="guessed")),
 }
+
+
+def test_rows_of_the_ledger_s_schema_stay_readable():
+    """Version 2: the ledger's peak, no `untracked` part, no peak_memory_source."""
+    old = good_row(schema_version=2, memory_breakdown={"activations": 1.0})
+    assert row_problem(old) is None and row_problem(good_row(schema_version=1)) is None
+    assert row_problem(good_row(peak_memory_source="cpu_allocator_events",
+                                memory_breakdown={"activations": 0.75, "untracked": 0.25})) is None
 
 
 @pytest.mark.parametrize("case", list(JUNK_LINES))

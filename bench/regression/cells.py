@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from bench.store.results import MEMORY_CATEGORIES
+from bench.store.results import MEMORY_PARTS
 
 MIXED = "<mixed>"  # a fingerprint value that differs between the runs of one cell
 
@@ -76,7 +76,7 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("flops_per_step", "exact", "lower"),
     Metric("peak_memory_bytes", "exact", "lower"),
-    *(Metric(f"memory_breakdown.{part}", "exact", "lower") for part in MEMORY_CATEGORIES),
+    *(Metric(f"memory_breakdown.{part}", "exact", "lower") for part in MEMORY_PARTS),
     Metric("steps", "exact", "lower"),  # optimizer steps of the run
     Metric("final_train_loss", "exact", "lower", 0.0, tolerance_across=1e-3),
     Metric("step_time_ms_median", "timing", "lower", 0.10),

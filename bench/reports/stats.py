@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from bench.store.results import MEMORY_CATEGORIES
+from bench.store.results import MEMORY_PARTS
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
@@ -29,7 +29,7 @@ MIN_EFFECT = 0.02  # the smallest relative change a mark may claim (gate 2)
 MIN_RUNS = 3  # per group: below it a comparison says "too few runs to call" (validated by `trickbench aa`)
 LOAD_HEADROOM = 1.25  # load average above this × the cores = competing load (see ran_under_load)
 MIB = 2 ** 20
-MEMORY_COMPONENTS = MEMORY_CATEGORIES  # the parts of memory_breakdown, from the row schema
+MEMORY_COMPONENTS = MEMORY_PARTS  # the parts of memory_breakdown, from the row schema
 Row = dict[str, Any]
 
 

@@ -34,6 +34,13 @@ MEMORY_CATEGORIES = (
     "activations",      # allocated while a module's forward ran (incl. checkpoint recomputation)
     "other",            # the batch; temporaries of the loss, backward and the optimizer step
 )
+# A row's memory_breakdown: the ledger's categories at its peak, and what the allocator held beyond
+# them (peak_memory_bytes - the ledger's peak: buffers a kernel allocates and frees inside one op,
+# workspaces), so that the parts sum to peak_memory_bytes exactly.
+MEMORY_PARTS = (*MEMORY_CATEGORIES, "untracked")
+# Where a row's peak_memory_bytes comes from (bench/training/allocator.py): the CPU allocator's
+# events replayed, CUDA's max_memory_allocated, or the ledger alone when neither could be read.
+PEAK_MEMORY_SOURCES = ("cpu_allocator_events", "cuda_max_memory_allocated", "ledger")
 
 
 ROWS_FILE = "cells.jsonl"
@@ -42,10 +49,13 @@ MATRIX_FILE = "matrix.json"
 LOCK_FILE = ".lock"
 WORK_DIR = ".work"  # job files and rows of runs in progress; cleared at the start of every run
 
-# 2: memory_breakdown parts sum to the peak at one instant (1: parts taken at different times).
-# Version 1 rows stay readable; anything else is skipped.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: peak_memory_bytes is the allocator's (peak_memory_source), memory_breakdown has `untracked`.
+# 2: the ledger's peak; memory_breakdown parts sum to it at one instant. 1: parts taken at
+# different times. A change in what a measured field means is a new version: `compare` and
+# `check` compare exact metrics only within one (bench/regression/cells.py FINGERPRINT).
+# Older rows stay readable; anything else is skipped.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 STATUSES = ("ok", "oom", "diverged", "error", "timeout")
 Row = dict[str, Any]
 
@@ -131,7 +141,8 @@ OPTIONAL_FIELDS = {"config": dict, "error": (str, _NONE), "failed_at_step": (int
                    "step_times_ms": list, "memory_breakdown": dict, "curve": list, "env": (dict, _NONE),
                    "accuracy_top1": (*_NUMBER, _NONE), "final_train_loss": (*_NUMBER, _NONE),
                    "wall_time_s": (*_NUMBER, _NONE), "load_avg_1m_start": (*_NUMBER, _NONE),
-                   "load_avg_1m_end": (*_NUMBER, _NONE), "shared_timing": bool}
+                   "load_avg_1m_end": (*_NUMBER, _NONE), "shared_timing": bool,
+                   "peak_memory_source": str}
 
 
 def _type_problem(row: Row, name: str, types: Any, required: bool) -> Optional[str]:
@@ -177,6 +188,8 @@ def _content_problem(row: Row) -> Optional[str]:
         return "field 'curve' holds a point that is not an object"
     if not all(v is None or _is_number(v) for v in (row.get("memory_breakdown") or {}).values()):
         return "field 'memory_breakdown' holds a value that is not a number"
+    if row.get("peak_memory_source", PEAK_MEMORY_SOURCES[0]) not in PEAK_MEMORY_SOURCES:
+        return f"field 'peak_memory_source' is not one of {', '.join(PEAK_MEMORY_SOURCES)}"
     world_size = (row.get("config") or {}).get("world_size", 1)
     if not (isinstance(world_size, int) and not isinstance(world_size, bool)):
         return "field 'config.world_size' is not an integer"

@@ -19,7 +19,9 @@ the memory goes back to the allocator. The breakdown is copied whenever the tota
 high, so the peak and its parts are taken at the same instant and sum to it exactly.
 
 What is not seen: memory a kernel allocates for itself and frees before returning (cuDNN/oneDNN
-workspaces), allocator caching and fragmentation; on CUDA compare ``max_memory_allocated``.
+workspaces), allocator caching and fragmentation. The row's peak is therefore the allocator's
+(``bench.training.allocator``), read in the same step; the ledger gives its parts, and the
+difference is the row's ``untracked`` part.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class MemoryReport:
     # Most activation bytes live at any instant of the step (not necessarily at the peak): shows
     # forward-time transients, e.g. a ReLU's output beside its input when it is not in place.
     activations_high_water_bytes: int = 0
+    live_at_start_bytes: int = 0  # the step's own storages that existed before it began
 
 
 class _Record:
@@ -67,6 +70,7 @@ class StorageLedger(TorchDispatchMode):
         self.peak = 0
         self.at_peak = dict(self.live)
         self.activations_high_water = 0
+        self.live_at_start = 0  # bytes of the storages that existed before the step (add_existing)
         self.forward_depth = 0  # > 0 while some module's forward runs
         self.in_loop = False  # inside the loop's own forward/backward or optimizer step
         self._records: dict[int, _Record] = {}  # id(storage) -> record; ids are unique while alive
@@ -77,6 +81,7 @@ class StorageLedger(TorchDispatchMode):
         for storage in self._storages(tensors):
             if id(storage) not in self._records:
                 record = self._record(storage, category)
+                self.live_at_start += record.nbytes
                 self.peak += record.nbytes  # live at every instant so far, so at the peak too
                 self.at_peak[category] += record.nbytes
 
@@ -174,7 +179,7 @@ class StorageLedger(TorchDispatchMode):
         self._records.clear()
 
     def report(self) -> MemoryReport:
-        return MemoryReport(self.peak, dict(self.at_peak), self.activations_high_water)
+        return MemoryReport(self.peak, dict(self.at_peak), self.activations_high_water, self.live_at_start)
 
 
 def tensors_held_by(root: Any) -> Iterator[torch.Tensor]:

@@ -27,6 +27,7 @@ from bench.parts.clock import MEASUREMENT_STEPS, Laps, min_total_steps
 from bench.parts.data import DatasetSplits, augment_train, build_dataset
 from bench.parts.models import build_model
 from bench.parts.schedules import build_scheduler
+from bench.training.allocator import allocator_peak
 from bench.training.measure import (
     Diverged,
     RunRecorder,
@@ -249,26 +250,31 @@ def endless_batches(loader: DataLoader, device: torch.device) -> Iterator[Batch]
 
 
 def memory_step(run: Run, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One training step under memory tracking: its loss and the memory metrics."""
-    cuda = run.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
+    """One training step under memory tracking: its loss and the memory metrics.
+
+    The peak is the allocator's high-water mark over the step (on CPU and CUDA alike); its parts
+    are the ledger's categories at the ledger's own peak, plus ``untracked``: the allocator's bytes
+    beyond them (buffers a kernel allocates and frees inside one op, workspaces).
+    """
     # What the step's own zero_grad does first thing anyway, done before tracking starts: freed
     # gradients (the default) are then all allocated in the step; gradients kept and zeroed in
     # place (zero_grad: zeros, accumulation tricks that keep them) are live all through it.
     run.optimizer.zero_grad(set_to_none=all(trick.release_gradients() for trick in run.tricks))
-    with track_step_memory(run.model, run.optimizer, run.tricks, batch, run.device) as ledger:
+    with allocator_peak(run.device) as allocator, \
+            track_step_memory(run.model, run.optimizer, run.tricks, batch, run.device) as ledger:
         loss = run.step(batch, instrument=ledger.instrument)
     synchronize(run.device)
     report = ledger.report()
-    metrics: dict[str, Any] = {"peak_memory_bytes": report.peak_memory_bytes, "memory_breakdown": report.breakdown,
-                               "activations_high_water_bytes": report.activations_high_water_bytes}
-    if cuda:
-        allocated = torch.cuda.max_memory_allocated(run.device)
-        metrics.update(cuda_max_allocated_bytes=allocated,
-                       cuda_max_reserved_bytes=torch.cuda.max_memory_reserved(run.device),
-                       # workspaces, allocator rounding, anything on the device outside the run
-                       cuda_untracked_bytes=allocated - report.peak_memory_bytes)
+    peak = allocator.peak_bytes(report.live_at_start_bytes)
+    if peak is None:  # no allocator reading: the ledger's own count
+        peak = report.peak_memory_bytes
+    metrics: dict[str, Any] = {
+        "peak_memory_bytes": peak, "peak_memory_source": allocator.source,
+        "memory_breakdown": {**report.breakdown, "untracked": peak - report.peak_memory_bytes},
+        "activations_high_water_bytes": report.activations_high_water_bytes}
+    if run.device.type == "cuda":
+        metrics.update(cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(run.device),
+                       cuda_max_reserved_bytes=torch.cuda.max_memory_reserved(run.device))
     return loss, metrics
 
 
@@ -348,11 +354,12 @@ def train(config: TrainConfig, seed: int, device: torch.device,
 
 
 def every_rank_memory(memory: dict[str, Any]) -> dict[str, Any]:
-    """This rank's memory metrics, with the peaks the largest rank's: what each device must hold."""
+    """The memory metrics of the rank with the largest peak (what each device must hold; its
+    breakdown sums to that peak), with every rank's peak."""
     ranks = distributed.gather(memory)
     peaks = [m["peak_memory_bytes"] for m in ranks]
-    combined = {**memory, "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks}
-    for key in ("cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "cuda_untracked_bytes"):
+    combined = {**ranks[peaks.index(max(peaks))], "peak_memory_bytes_per_rank": peaks}
+    for key in ("cuda_max_allocated_bytes", "cuda_max_reserved_bytes"):
         if key in memory:
             combined[key] = max(m[key] for m in ranks)
     return combined
