@@ -21,6 +21,7 @@ from bench.config.slurm import parse_settings
 from bench.execution import cluster, queue, submit
 from bench.execution.task import RunTask
 from bench.store.results import read_rows
+from bench.training.worker import STOPPED_EXIT
 from tests.conftest import TINY_MATRIX
 
 pytest.importorskip("submitit")
@@ -282,6 +283,22 @@ def test_a_task_skips_a_finished_run(tmp_path):
     failed = cluster.run_file(tmp_path, "abc", 1)
     failed.write_text(json.dumps(fake_row("abc", 1, "error")))
     assert RunTask(str(tmp_path), "tiny", "abc", 1, {}, config)()["status"] == "error"
+
+
+def test_a_stopped_attempt_writes_no_row_and_asks_for_a_requeue_until_max_requeues(tmp_path):
+    task = RunTask(str(tmp_path), "tiny", "abc", 0, {}, {"model": "tiny_cnn"}, max_requeues=2)
+    stopped = {**fake_row("abc", 0, "error"), "stopped_by": "SIGTERM"}
+    with pytest.raises(SystemExit) as leaving:  # SIGTERM: SLURM requeues the job itself (or it was cancelled)
+        task._stopped(dict(stopped), "SIGTERM", 0, "job7", None)
+    assert leaving.value.code == STOPPED_EXIT and task.stops == ["SIGTERM"]
+    asked = []  # SIGUSR2: submitit's handler checkpoints this task (with its stops) and requeues it
+    with pytest.raises(SystemExit):
+        task._stopped(dict(stopped), "SIGUSR2", 1, "job7", lambda signum, frame: asked.append(task.checkpoint()))
+    assert asked[0].function.stops == ["SIGTERM", "SIGUSR2"]
+    last = task._stopped(dict(stopped), "SIGTERM", 2, "job7", None)  # the third stop: a row, in one line
+    assert last["status"] == "error" and "stopped_by" not in last
+    assert last["error"] == ("stopped by the scheduler 3 times, last by SIGTERM (job7); "
+                             "not requeued again (max_requeues=2)")
 
 
 def test_checkpoint_resubmits_the_same_run():

@@ -95,7 +95,8 @@ def submit_arrays(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], s
             array = executor.submit_array(tasks)
         cluster.record_jobs(out_dir, "slurm", folder, {f"{c.cell_id}-{s}": job.job_id
                                                        for (c, s), job in zip(runs, array)})
-        print(f"submitted {len(runs)} runs of world_size {world_size} as SLURM job array {array[0].job_id.split('_')[0]}"
+        batch = f"job array {array[0].job_id.split('_')[0]}" if len(runs) > 1 else f"job {array[0].job_id}"
+        print(f"submitted {plural(len(runs), 'run')} of world_size {world_size} as SLURM {batch}"
               f" ({plural(cpus, 'CPU')}, {plural(params.get('gpus_per_node', 0), 'GPU')}, {minutes} min per task"
               + (", whole nodes)" if settings.whole_nodes else "; timing shared with other jobs)"))
 

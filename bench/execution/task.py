@@ -87,6 +87,8 @@ class RunTask(Checkpointable):
         if stopped_by is not None:
             row = self._stopped(row, stopped_by, attempt, job_id, on_usr2)
         row["executor"] = os.environ.get("SUBMITIT_EXECUTOR", "submitit")
+        if attempt:
+            row["requeued"] = attempt  # attempts stopped by the scheduler before this one
         if self.shared_timing:
             row["shared_timing"] = True
         target.parent.mkdir(parents=True, exist_ok=True)
