@@ -186,20 +186,20 @@ class Job:
             failure = ("timeout", f"exceeded time_limit_s={self.limit:g}")
         else:
             failure = None if code == 0 else _describe_exit(code)
-        stopped = _stop_signal(self.row_path)
-        if stopped is not None and failure is not None and failure[0] != "timeout":
-            # a scheduler's signal (our own stop at a time limit aside), not a failure of the run:
-            # no row a rank wrote as it went down counts
-            self.record.fail("error", f"stopped by {stopped} (a scheduler's preemption, requeue or cancel, "
-                             "or a kill from outside); run it again")
-            self.record.finish(time.monotonic() - self.started)
-            return {**self.record.to_row(), "stopped_by": stopped}
         rows = rows_written(self.row_path)
         # The first rank to fail names the cause (those after it mostly report a peer that went away),
         # and says more than the exit code of the launcher that stopped the others.
         failed_rows = [r for r in rows if r["status"] != "ok"]
         if failed_rows:
             return failed_rows[0]
+        stopped = _stop_signal(self.row_path)
+        if stopped is not None and failure is not None and failure[0] != "timeout":
+            # a signal from outside (a scheduler's; our own stop at a time limit aside), not a
+            # failure of the run: the worker left no row, only the marker
+            self.record.fail("error", f"stopped by {stopped} (a scheduler's preemption, requeue or cancel, "
+                             "or a kill from outside); run it again")
+            self.record.finish(time.monotonic() - self.started)
+            return {**self.record.to_row(), "stopped_by": stopped}
         if failure is None and rows:
             return rows[0]
         status, error = failure or ("error", "child exited without writing a row")
