@@ -290,11 +290,11 @@ def test_a_stopped_attempt_writes_no_row_and_asks_for_a_requeue_until_max_requeu
     stopped = {**fake_row("abc", 0, "error"), "stopped_by": "SIGTERM"}
     with pytest.raises(SystemExit) as leaving:  # SIGTERM: SLURM requeues the job itself (or it was cancelled)
         task._stopped(dict(stopped), "SIGTERM", 0, "job7", None)
-    assert leaving.value.code == STOPPED_EXIT and task.stops == ["SIGTERM"]
+    assert leaving.value.code == STOPPED_EXIT and task.stops == ("SIGTERM",)
     asked = []  # SIGUSR2: submitit's handler checkpoints this task (with its stops) and requeues it
     with pytest.raises(SystemExit):
         task._stopped(dict(stopped), "SIGUSR2", 1, "job7", lambda signum, frame: asked.append(task.checkpoint()))
-    assert asked[0].function.stops == ["SIGTERM", "SIGUSR2"]
+    assert asked[0].function.stops == ("SIGTERM", "SIGUSR2")
     last = task._stopped(dict(stopped), "SIGTERM", 2, "job7", None)  # the third stop: a row, in one line
     assert last["status"] == "error" and "stopped_by" not in last
     assert last["error"] == ("stopped by the scheduler 3 times, last by SIGTERM (job7); "

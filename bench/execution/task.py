@@ -64,13 +64,16 @@ class RunTask(Checkpointable):
     ``shared_timing``: the task does not have its node to itself; its row says so.
     """
 
+    # defaults for a task pickled by an older trickbench (requeued after an upgrade)
+    max_requeues, shared_timing, stops = 3, False, ()
+
     def __init__(self, out_dir: str, matrix: str, cell_id: str, seed: int, axes: dict[str, Any],
                  config: dict[str, Any], retry_failed: bool = False, max_requeues: int = 3,
                  shared_timing: bool = False) -> None:
         self.out_dir, self.matrix, self.cell_id, self.seed = out_dir, matrix, cell_id, seed
         self.axes, self.config, self.retry_failed = axes, config, retry_failed
         self.max_requeues, self.shared_timing = max_requeues, shared_timing
-        self.stops: list[str] = []
+        self.stops: tuple[str, ...] = ()
 
     def __call__(self) -> Row:
         target = run_file(Path(self.out_dir), self.cell_id, self.seed)
@@ -139,7 +142,7 @@ class RunTask(Checkpointable):
     def _stopped(self, row: Row, signame: str, attempt: int, job_id: str,
                  on_usr2: Callable[..., Any] | None) -> Row:
         """A stopped attempt: no row, and run again; past ``max_requeues``, a failed row saying so."""
-        self.stops.append(signame)
+        self.stops = (*self.stops, signame)
         if attempt >= self.max_requeues:
             row = {key: value for key, value in row.items() if key != "stopped_by"}
             row["error"] = (f"stopped by the scheduler {attempt + 1} times, last by {signame} ({job_id}); "
