@@ -1,6 +1,7 @@
 """Cluster runs through submitit: settings, the sbatch script it writes, per-run files, collect,
 status, and end to end with submitit's local executor (kill, resubmit, preemption)."""
 import json
+import logging
 import os
 import re
 import signal
@@ -17,8 +18,10 @@ from bench.base.errors import ConfigError
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
 from bench.config.slurm import parse_settings
-from bench.execution import cluster, submit
+from bench.execution import cluster, queue, submit
+from bench.execution.task import RunTask
 from bench.store.results import read_rows
+from bench.training.worker import STOPPED_EXIT
 from tests.conftest import TINY_MATRIX
 
 pytest.importorskip("submitit")
@@ -83,6 +86,12 @@ def test_runs_a_task_cannot_hold_are_refused(write_matrix):
     matrix = load_matrix(write_matrix(TINY_MATRIX.replace("warmup_steps: 1}", "warmup_steps: 1, time_limit_s: 7200}")))
     with pytest.raises(ConfigError, match=r"slurm\.time_limit_min: 60 min is shorter than time_limit_s 7200"):
         cluster.check_fits(parse_settings({"time_limit_min": 60}, "m"), matrix, "m")
+    # SLURM's warning signal comes 90 s before the end: a run must fit before it, not before the end.
+    tight = load_matrix(write_matrix(TINY_MATRIX.replace("warmup_steps: 1}", "warmup_steps: 1, time_limit_s: 3550}"),
+                                     "tight.yaml"))
+    with pytest.raises(ConfigError, match=r"time_limit_s 3550 of cell \w+ \+ 90 s"):
+        cluster.check_fits(parse_settings({"time_limit_min": 60}, "m"), tight, "m")
+    cluster.check_fits(parse_settings({"time_limit_min": 61}, "m"), tight, "m")
     # Unset, the task's limit follows the longest run: 7200 s + 10 min of start-up.
     assert cluster.task_minutes(parse_settings({}, "m"), matrix) == 130
 
@@ -96,8 +105,8 @@ def test_executor_parameters_per_world_size():
     params = cluster.executor_parameters(settings, "slurm", "core", 4, "cuda", 70)
     assert params == {"name": "trickbench-core", "timeout_min": 70, "nodes": 1, "tasks_per_node": 1,
                       "cpus_per_task": 16, "gpus_per_node": 4, "slurm_partition": "gpu",
-                      "slurm_array_parallelism": 3, "slurm_additional_parameters": {"account": "proj"},
-                      "slurm_setup": ["module load cuda"]}
+                      "slurm_array_parallelism": 3, "slurm_signal_delay_s": 90,
+                      "slurm_additional_parameters": {"account": "proj"}, "slurm_setup": ["module load cuda"]}
     assert "gpus_per_node" not in cluster.executor_parameters(settings, "slurm", "core", 2, "cpu", 70)
     local = cluster.executor_parameters(parse_settings({}, "m"), "local", "core", 1, "cpu", 70)
     assert local == {"name": "trickbench-core", "timeout_min": 70, "nodes": 1, "tasks_per_node": 1}
@@ -105,21 +114,30 @@ def test_executor_parameters_per_world_size():
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """srun and sbatch stand-ins: sbatch keeps each script it is given and answers with a job id."""
+    """srun, sbatch and squeue stand-ins: sbatch keeps each script it is given and answers with a job
+    id (``--test-only``: accepts; a script with ``refuse-me`` in it: refused as a real sbatch does);
+    squeue prints ``squeue.txt`` and counts its calls in ``squeue.calls``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scripts = tmp_path / "sbatch-scripts"
     scripts.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\nn=$(ls {scripts} | wc -l)\ncp \"$1\" {scripts}/$n.sh\n"
-                                    "echo \"Submitted batch job $((4200 + n))\"\n")
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        "if [ \"$1\" = --test-only ]; then cat >/dev/null; echo 'sbatch: Job 7 to start now' >&2; exit 0; fi\n"
+        "if grep -q refuse-me \"$1\"; then echo 'sbatch: error: Batch job submission failed: Invalid account' >&2;"
+        " exit 1; fi\n"
+        f"n=$(ls {scripts} | wc -l)\ncp \"$1\" {scripts}/$n.sh\n"
+        "echo \"Submitted batch job $((4200 + n))\"\n")
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho x >> {tmp_path}/squeue.calls\n"
+                                    f"cat {tmp_path}/squeue.txt 2>/dev/null\nexit 0\n")
     for tool in bin_dir.iterdir():
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return scripts
 
 
-def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path, fake_slurm, capsys):
+def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path, fake_slurm, capsys, monkeypatch):
     path = write_matrix(CLUSTER_MATRIX + "slurm: {partition: gpu, array_parallelism: 1, time_limit_min: 20,"
                         " sbatch: {account: proj, exclusive: true}, setup: ['source venv/bin/activate']}\n")
     out = tmp_path / "out"
@@ -146,23 +164,61 @@ def test_slurm_submission_writes_one_array_per_world_size(write_matrix, tmp_path
     assert "trickbench status" in capsys.readouterr().out
     assert main(["run", str(path), "--out", str(out), "--executor", "slurm", "--slurm", "partiton=x"]) == 2
 
-    # status: the scheduler's states (sacct) for runs without a row file, the row files for the others.
+    # status: the queue (one squeue call for both arrays) for runs without a row file, the row files
+    # for the others; a run in neither is lost (after the grace period, none here).
     by_job = {j["job_id"]: key for key, j in jobs["runs"].items()}
-    states = {"4200_0": "PENDING", "4200_1": "RUNNING", "4201_0": "FAILED", "4201_1": "COMPLETED"}
-    sacct = fake_slurm.parent / "bin" / "sacct"
-    sacct.write_text("#!/bin/sh\necho 'JobID|State|NodeList'\n"
-                     + "".join(f"echo '{job}|{state}|node1'\n" for job, state in states.items()))
-    sacct.chmod(0o755)
+    (tmp_path / "squeue.txt").write_text("4200_0|PENDING|JobArrayTaskLimit\n4200_1|RUNNING|None\n")
+    monkeypatch.setattr(queue, "LOST_GRACE_S", 0.0)
     cell_id, seed = by_job["4201_1"].rsplit("-", 1)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     cluster.run_file(out, cell_id, int(seed)).parent.mkdir()
     cluster.run_file(out, cell_id, int(seed)).write_text(json.dumps(fake_row(cell_id, int(seed), "oom", now)))
     capsys.readouterr()
+    (tmp_path / "squeue.calls").unlink(missing_ok=True)
     assert main(["status", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == f"{out}: 1 failed, 1 running, 1 queued, 1 lost of 4 runs", printed
     assert f"failed: cell {cell_id} seed {seed}: oom: boom" in printed
-    assert f"lost: cell {by_job['4201_0'].rsplit('-', 1)[0]}" in printed and "run again to resubmit" in printed
+    assert f"lost: cell {by_job['4201_0'].rsplit('-', 1)[0]}" in printed and "run` again resubmits it" in printed
+    assert (tmp_path / "squeue.calls").read_text().count("x") == 1
+
+    # Submitting again while the array is in flight submits only the lost run, not the queued ones.
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--executor", "slurm"]) == 0
+    assert "2 runs are queued or running already: not submitted again" in capsys.readouterr().out
+    assert len(list(fake_slurm.iterdir())) == 3
+    assert "#SBATCH --array" not in sorted(fake_slurm.iterdir())[-1].read_text()  # one run: a plain job
+    assert json.loads((out / "cluster" / "jobs.json").read_text())["runs"][by_job["4201_0"]]["job_id"] == "4202"
+
+
+def test_a_refusal_of_sbatch_is_one_line_and_leaves_no_file(write_matrix, tmp_path, fake_slurm, capsys):
+    """A refusal that --test-only could not foresee: sbatch's own words, exit 2, submitit's files gone."""
+    path = write_matrix(CLUSTER_MATRIX + "slurm: {sbatch: {comment: refuse-me}}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--executor", "slurm", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in captured.out, captured
+    assert "sbatch refused the array of world_size 1: sbatch: error: Batch job submission failed: Invalid account" in err
+    assert not (out / "cluster").exists() and not list(fake_slurm.iterdir())
+
+
+def test_submitit_warnings_go_to_stderr(tmp_path, fake_slurm):
+    """submitit logs to stdout (everything) and stderr (warnings); submitting, only the latter."""
+    cluster.make_executor("slurm", tmp_path / "sub", parse_settings({}, "m"), {"timeout_min": 5})
+    handlers = logging.getLogger("submitit").handlers
+    assert [h.get_name() for h in handlers] == ["submitit_err"] and handlers[0].level == logging.WARNING
+
+
+def test_each_task_asks_for_the_cpus_its_ranks_need(write_matrix):
+    matrix = load_matrix(write_matrix(CLUSTER_MATRIX.replace("time_limit_s: 300}", "time_limit_s: 300, device: cpu}")))
+    settings = parse_settings({}, "m")
+    assert sorted(cluster.arrays_of(matrix.runs(), settings)) == [(1, 1), (2, 2)]
+    assert sorted(cluster.arrays_of(matrix.runs(), parse_settings({"threads_per_rank": 3}, "m"))) == [(1, 3), (2, 6)]
+    assert sorted(cluster.arrays_of(matrix.runs(), parse_settings({"cpus_per_task": 4}, "m"))) == [(1, 4), (2, 4)]
+    params = cluster.executor_parameters(parse_settings({"exclusive": True}, "m"), "slurm", "t", 2, "cpu", 9, 2)
+    assert params["cpus_per_task"] == 2 and params["slurm_exclusive"] is True
+    assert parse_settings({"sbatch": {"exclusive": True}}, "m").whole_nodes and not settings.whole_nodes
 
 
 def test_cpu_runs_on_slurm_ask_for_no_gpu_and_big_worlds_are_refused(write_matrix, tmp_path, fake_slurm, capsys):
@@ -223,14 +279,30 @@ def test_a_task_skips_a_finished_run(tmp_path):
     target.parent.mkdir()
     target.write_text(json.dumps(fake_row("abc", 0)))
     config = {"model": "no-such-model"}  # would fail if the task trained
-    assert cluster.RunTask(str(tmp_path), "tiny", "abc", 0, {}, config)()["status"] == "ok"
+    assert RunTask(str(tmp_path), "tiny", "abc", 0, {}, config)()["status"] == "ok"
     failed = cluster.run_file(tmp_path, "abc", 1)
     failed.write_text(json.dumps(fake_row("abc", 1, "error")))
-    assert cluster.RunTask(str(tmp_path), "tiny", "abc", 1, {}, config)()["status"] == "error"
+    assert RunTask(str(tmp_path), "tiny", "abc", 1, {}, config)()["status"] == "error"
+
+
+def test_a_stopped_attempt_writes_no_row_and_asks_for_a_requeue_until_max_requeues(tmp_path):
+    task = RunTask(str(tmp_path), "tiny", "abc", 0, {}, {"model": "tiny_cnn"}, max_requeues=2)
+    stopped = {**fake_row("abc", 0, "error"), "stopped_by": "SIGTERM"}
+    with pytest.raises(SystemExit) as leaving:  # SIGTERM: SLURM requeues the job itself (or it was cancelled)
+        task._stopped(dict(stopped), "SIGTERM", 0, "job7", None)
+    assert leaving.value.code == STOPPED_EXIT and task.stops == ("SIGTERM",)
+    asked = []  # SIGUSR2: submitit's handler checkpoints this task (with its stops) and requeues it
+    with pytest.raises(SystemExit):
+        task._stopped(dict(stopped), "SIGUSR2", 1, "job7", lambda signum, frame: asked.append(task.checkpoint()))
+    assert asked[0].function.stops == ("SIGTERM", "SIGUSR2")
+    last = task._stopped(dict(stopped), "SIGTERM", 2, "job7", None)  # the third stop: a row, in one line
+    assert last["status"] == "error" and "stopped_by" not in last
+    assert last["error"] == ("stopped by the scheduler 3 times, last by SIGTERM (job7); "
+                             "not requeued again (max_requeues=2)")
 
 
 def test_checkpoint_resubmits_the_same_run():
-    task = cluster.RunTask("/x", "tiny", "abc", 3, {"a": 1}, {"model": "tiny_cnn"})
+    task = RunTask("/x", "tiny", "abc", 3, {"a": 1}, {"model": "tiny_cnn"})
     delayed = task.checkpoint()
     assert delayed.function is task and delayed.args == () and delayed.kwargs == {}
 
@@ -280,7 +352,7 @@ def test_preempted_task_is_requeued_and_finishes(write_matrix, tmp_path):
     settings = parse_settings({}, "m")
     params = cluster.executor_parameters(settings, "local", matrix.name, 1, "cpu", 10)
     executor = cluster.make_executor("local", tmp_path / "submitit", settings, params)
-    job = executor.submit(submit.task_for(tmp_path, matrix, cell, 0, False))
+    job = executor.submit(submit.task_for(tmp_path, matrix, cell, 0, False, settings, False))
     assert wait_for(lambda: any((tmp_path / "cluster" / "work").glob("*/*.job.json")))
     # SIGUSR2 to the task, as SLURM sends it before a preemption or the time limit (submitit's
     # local controller passes it on only at its own time limit).

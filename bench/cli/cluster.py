@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from bench.cli.args import positive_int
 from bench.execution.cluster import EXECUTORS
 from bench.execution.submit import cmd_collect, cmd_status
 
@@ -14,7 +15,10 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
                           "(submitit); local: submitit's local executor")
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting of the matrix's slurm: section, e.g. partition=gpu")
-    run.add_argument("--wait", action="store_true", help="--executor slurm: wait for the array and collect")
+    run.add_argument("--wait", action="store_true",
+                     help="--executor slurm: wait until every run is done or lost, then collect")
+    run.add_argument("--timeout", type=positive_int, metavar="SECONDS",
+                     help="with --wait: stop waiting after this long (the runs go on)")
 
 
 def add_collect_status(sub: Any) -> None:

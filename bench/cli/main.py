@@ -18,7 +18,7 @@ from bench.cli.cluster import add_collect_status, add_run_arguments
 from bench.cli.diagnostics import add_attention_memory, add_diagnose, add_selfcheck
 from bench.cli.judging import add_aa, add_power, add_regression_check, add_report
 from bench.config.matrix import MAX_CELLS, Matrix
-from bench.execution.cluster import check_fits, compute_node_view, settings_for
+from bench.execution.cluster import check_fits, check_with_scheduler, compute_node_view, settings_for
 from bench.execution.runner import Terminated, default_devices, run_matrix
 from bench.execution.slots import LocalDevices, request_for, too_wide
 from bench.execution.submit import run_matrix_on_cluster
@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Local placement only; a cluster executor's tasks each get their own node's GPUs.
     devices = local_devices(args, matrix) if args.executor == "sequential" else None
     settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written
+    if args.executor == "slurm" and not args.dry_run:
+        check_with_scheduler(settings, matrix)  # sbatch --test-only: its refusal, before anything is written
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
         out_dir.mkdir(parents=True, exist_ok=True)
     for warning in matrix.warnings:
@@ -118,9 +120,11 @@ def local_devices(args: argparse.Namespace, matrix):
 def cluster_settings(args: argparse.Namespace, matrix):
     """The validated slurm: settings with --slurm overrides, for --executor slurm|local; else None."""
     if args.executor == "sequential":
-        if args.slurm or args.wait:
-            raise ConfigError("arguments", "--slurm/--wait", "apply to --executor slurm or local only")
+        if args.slurm or args.wait or args.timeout:
+            raise ConfigError("arguments", "--slurm/--wait/--timeout", "apply to --executor slurm or local only")
         return None
+    if args.timeout is not None and not args.wait:
+        raise ConfigError("arguments", "--timeout", "limits --wait; add --wait")
     if args.devices is not None or args.parallel > 1 or args.shared_timing:
         raise ConfigError("arguments", "--devices/--parallel/--shared-timing", "place runs on this machine "
                           "(the default sequential executor); with --executor the scheduler places them")
@@ -133,7 +137,7 @@ def cluster_settings(args: argparse.Namespace, matrix):
 def run_on_cluster(args: argparse.Namespace, matrix, out_dir: Path, settings) -> int:
     try:
         outcome = run_matrix_on_cluster(matrix, out_dir, args.executor, settings, fresh=args.fresh,
-                                        retry_failed=args.retry_failed, wait=args.wait)
+                                        retry_failed=args.retry_failed, wait=args.wait, timeout_s=args.timeout)
     except Terminated as stopped:
         print(f"stopped by {stopped}: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 128 + stopped.signum

@@ -22,7 +22,9 @@ class ClusterSettings:
 
     partition: Optional[str] = None
     gpus_per_node: int = 8  # GPUs of one node: a world_size-W run asks for W of them, so W <= this
-    cpus_per_task: Optional[int] = None
+    cpus_per_task: Optional[int] = None  # default: what a run needs, W x (threads_per_rank + num_workers)
+    threads_per_rank: int = 1  # intra-op threads of each rank: the default cpus_per_task counts them
+    exclusive: bool = False  # whole nodes: timing no other job disturbs (else rows say shared_timing)
     mem_gb: Optional[float] = None
     time_limit_min: Optional[int] = None  # per task; default: the longest time_limit_s + START_UP_MIN
     array_parallelism: Optional[int] = None  # tasks running at once; default: SLURM 256, local 1
@@ -30,13 +32,20 @@ class ClusterSettings:
     sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch options: {account: x, qos: y}
     setup: tuple[str, ...] = ()  # shell lines before the task (module load, source venv/bin/activate)
 
+    @property
+    def whole_nodes(self) -> bool:
+        """Tasks get whole nodes (``exclusive``, or ``sbatch: {exclusive: ...}``): no shared timing."""
+        return self.exclusive or self.sbatch.get("exclusive", False) not in (False, None)
 
-SETTING_RANGES = {"gpus_per_node": (1, 1024), "cpus_per_task": (1, 4096), "mem_gb": (0.001, 1e6),
+
+SETTING_RANGES = {"gpus_per_node": (1, 1024), "cpus_per_task": (1, 4096), "threads_per_rank": (1, 4096),
+                  "mem_gb": (0.001, 1e6),
                   "time_limit_min": (1, 366 * 24 * 60), "array_parallelism": (1, 100_000),
                   "max_requeues": (0, 1000)}
 
 
 SETTING_TYPES = {"partition": Optional[str], "gpus_per_node": int, "cpus_per_task": Optional[int],
+                 "threads_per_rank": int, "exclusive": bool,
                  "mem_gb": Optional[float], "time_limit_min": Optional[int],
                  "array_parallelism": Optional[int], "max_requeues": int}
 

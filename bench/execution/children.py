@@ -24,6 +24,7 @@ from bench.store.results import (
     row_problem,
     write_atomic,
 )
+from bench.training.worker import STOPPED_EXIT, stopped_marker
 
 WORKER = [sys.executable, "-m", "bench.training.worker"]  # + the job file
 THIS_WORKER = tuple(WORKER)  # a test may point WORKER elsewhere; only this command is forked
@@ -69,19 +70,19 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         for proc in procs:
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         for proc in procs:
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _signal_group(pid: int, signum: int) -> None:
+def signal_group(pid: int, signum: int) -> None:
     """Signal a child's process group; the child alone if it has none yet (a forked run that has
     not reached its ``setsid``)."""
     try:
@@ -143,13 +144,16 @@ class Job:
     limit: float
 
     @classmethod
-    def start(cls, job_path: Path, command: list[str], env: dict[str, str] | None, limit: float) -> "Job":
+    def start(cls, job_path: Path, command: list[str], env: dict[str, str] | None, limit: float,
+              fork_here: bool = False) -> "Job":
+        """``fork_here``: fork a world_size-1 run from this process, not the fork server
+        (:func:`bench.execution.forkserver.start`)."""
         job = json.loads(job_path.read_text(encoding="utf-8"))
         record = RunRecord.for_job(job)
         record.env = job.get("env")
         record.start()
         if command == [*THIS_WORKER, str(job_path)] and START != "exec":  # this tree's worker: fork it, warm
-            proc = forkserver.start(job_path, env)
+            proc = forkserver.start(job_path, env, here=fork_here)
         else:  # torchrun, or another revision's worker (compare --against): a fresh interpreter
             # Own process group, so a timeout kills the child and anything it started.
             proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
@@ -188,6 +192,14 @@ class Job:
         failed_rows = [r for r in rows if r["status"] != "ok"]
         if failed_rows:
             return failed_rows[0]
+        stopped = _stop_signal(self.row_path)
+        if stopped is not None and failure is not None and failure[0] != "timeout":
+            # a signal from outside (a scheduler's; our own stop at a time limit aside), not a
+            # failure of the run: the worker left no row, only the marker
+            self.record.fail("error", f"stopped by {stopped} (a scheduler's preemption, requeue or cancel, "
+                             "or a kill from outside); run it again")
+            self.record.finish(time.monotonic() - self.started)
+            return {**self.record.to_row(), "stopped_by": stopped}
         if failure is None and rows:
             return rows[0]
         status, error = failure or ("error", "child exited without writing a row")
@@ -209,7 +221,16 @@ def rows_written(row_path: Path) -> list[Row]:
     return rows
 
 
+def _stop_signal(row_path: Path) -> str | None:
+    """The signal named by a stopped worker's marker (any rank's), or None."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return stopped_marker(row_path).read_text(encoding="utf-8").strip() or "a signal"
+    return None
+
+
 def _describe_exit(code: int) -> tuple[str, str]:
+    if code == STOPPED_EXIT:
+        return ("error", f"child stopped by a scheduler signal (exit code {STOPPED_EXIT})")
     if code < 0:
         name = signal.Signals(-code).name
         # The kernel's OOM killer sends SIGKILL; without a row we cannot tell it from other kills.

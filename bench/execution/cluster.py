@@ -1,29 +1,34 @@
 """Runs a matrix through submitit: a SLURM job array, or submitit's local executor (for tests).
 
-One task of the array = one (cell, seed) run. A task trains exactly as the sequential runner
-does (``runner.worker_command``: the worker alone, or torchrun with W ranks inside the job) and
-writes its row as its own file, by rename: ``<out>/runs/<cell_id>-<seed>.json``. Nothing here
-locks a file on the shared filesystem (``flock`` over NFS is unreliable); the submitting host
-merges the run files into ``cells.jsonl`` (``collect``: a row already there is not added again).
+One task of the array = one (cell, seed) run (:class:`bench.execution.task.RunTask`). A task
+trains exactly as the sequential runner does (the worker alone, or torchrun with W ranks inside
+the job) and writes its row as its own file, by rename: ``<out>/runs/<cell_id>-<seed>.json``.
+Nothing here locks a file on the shared filesystem (``flock`` over NFS is unreliable); the
+submitting host merges the run files into ``cells.jsonl`` (``collect``: a row already there is
+not added again).
 
-A preempted or timed-out task is requeued through submitit's checkpointing protocol
-(:class:`RunTask` is ``Checkpointable``): the run starts again from its first step, since a
-half-measured run cannot be resumed. A task that finds its run file already written returns it
-without training, so a resubmitted array skips finished runs. The executor and its settings are
-not part of a cell's config, so they never change a ``cell_id``.
+The truth of a run is its run file; what is pending or running is what ``squeue`` lists
+(:mod:`bench.execution.queue`), never accounting (``sacct`` needs slurmdbd, and forgets).
+This module holds what an array asks for (time, CPUs, GPUs, whole nodes), the refusal of a
+request sbatch would refuse (``sbatch --test-only``, before anything is written), the run files
+and the job record. The executor and its settings are not part of a cell's config, so they never
+change a ``cell_id``.
 
 Folder layout beside ``cells.jsonl``: ``runs/`` (one row per run), ``cluster/jobs.json`` (job
 ids, for ``trickbench status``), ``cluster/submitit/`` (submitit's pickles and logs) and
-``cluster/work/`` (job files of runs in progress).
+``cluster/work/`` (job files of attempts in progress, one folder per attempt).
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import math
-import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -32,7 +37,7 @@ import torch
 
 from bench.base.errors import ConfigError
 from bench.base.safeyaml import shorten
-from bench.config.matrix import Matrix
+from bench.config.matrix import Cell, Matrix
 from bench.config.slurm import (
     SETTING_RANGES,
     ClusterSettings,
@@ -40,7 +45,6 @@ from bench.config.slurm import (
     parse_settings,
 )
 from bench.config.train_config import TrainConfig
-from bench.execution.children import run_job_file, worker_command, write_job
 from bench.store.results import (
     CSV_FILE,
     ROWS_FILE,
@@ -59,8 +63,10 @@ from bench.store.results import (
 RUNS_DIR = "runs"
 CLUSTER_DIR = "cluster"
 JOBS_FILE = "jobs.json"
+WORK = "work"  # under CLUSTER_DIR: one folder per attempt of a run
 EXECUTORS = ["sequential", "slurm", "local"]  # local: submitit.LocalExecutor, a cluster on this machine
 START_UP_MIN = 10  # added to the longest time_limit_s for a task's default SLURM time limit
+SIGNAL_LEAD_S = 90  # SIGUSR2 this long before a task's time limit (sbatch --signal): stop, requeue
 POLL_S = 1.0
 
 
@@ -109,7 +115,7 @@ def task_minutes(settings: ClusterSettings, matrix: Matrix) -> int:
 
 def check_fits(settings: ClusterSettings, matrix: Matrix, file: str) -> None:
     """Refuse, before submitting, runs a task cannot hold: more ranks than a node's GPUs, several
-    nodes, or a run limit longer than the task's."""
+    nodes, or a run limit that with the signal lead (SIGUSR2 before the end) exceeds the task's."""
     minutes = task_minutes(settings, matrix)
     for cell in matrix.cells:
         config = cell.config
@@ -119,17 +125,33 @@ def check_fits(settings: ClusterSettings, matrix: Matrix, file: str) -> None:
         if config.device == "cuda" and config.world_size > settings.gpus_per_node:
             raise ConfigError(file, "slurm.gpus_per_node", f"{settings.gpus_per_node} GPUs cannot hold world_size "
                               f"{config.world_size} of cell {cell.cell_id} (one GPU per rank, one node per task)")
-        if config.time_limit_s > minutes * 60:
+        if config.time_limit_s + SIGNAL_LEAD_S > minutes * 60:
             raise ConfigError(file, "slurm.time_limit_min", f"{minutes} min is shorter than time_limit_s "
-                              f"{config.time_limit_s:g} of cell {cell.cell_id}; raise it or leave it unset")
+                              f"{config.time_limit_s:g} of cell {cell.cell_id} + {SIGNAL_LEAD_S} s (SLURM's "
+                              "warning signal before the end); raise it or leave it unset")
+
+
+def cpus_for(settings: ClusterSettings, config: TrainConfig) -> int:
+    """CPUs of one task: the setting, or what the run's ranks need (threads and loader workers)."""
+    if settings.cpus_per_task is not None:
+        return settings.cpus_per_task
+    return config.world_size * (settings.threads_per_rank + config.num_workers)
+
+
+def arrays_of(runs: list[tuple[Cell, int]], settings: ClusterSettings) -> dict[tuple[int, int], list[tuple[Cell, int]]]:
+    """Runs grouped into job arrays, one per (world_size, CPUs): an array shares one resource request."""
+    groups: dict[tuple[int, int], list[tuple[Cell, int]]] = {}
+    for cell, seed in runs:
+        groups.setdefault((cell.config.world_size, cpus_for(settings, cell.config)), []).append((cell, seed))
+    return groups
 
 
 def executor_parameters(settings: ClusterSettings, kind: str, name: str, world_size: int, device: str,
-                        minutes: int) -> dict[str, Any]:
-    """submitit ``AutoExecutor.update_parameters`` arguments for the array of world_size-W runs.
+                        minutes: int, cpus: Optional[int] = None) -> dict[str, Any]:
+    """submitit ``AutoExecutor.update_parameters`` arguments for an array of world_size-W runs.
 
     One node and one task per run; the task starts the W ranks itself (torchrun), so it asks
-    for W GPUs on that node.
+    for W GPUs on that node, and ``cpus`` CPUs (SLURM; the local executor takes the setting only).
     """
     parallelism = settings.array_parallelism or (1 if kind == "local" else 256)
     params: dict[str, Any] = {"name": f"trickbench-{name}", "timeout_min": minutes, "nodes": 1,
@@ -138,7 +160,9 @@ def executor_parameters(settings: ClusterSettings, kind: str, name: str, world_s
     if device == "cuda":
         params["gpus_per_node"] = world_size
     if kind == "slurm":
-        params.update(slurm_partition=settings.partition, slurm_array_parallelism=parallelism,
+        params.update(cpus_per_task=cpus or settings.cpus_per_task, slurm_partition=settings.partition,
+                      slurm_array_parallelism=parallelism, slurm_signal_delay_s=SIGNAL_LEAD_S,
+                      slurm_exclusive=True if settings.exclusive else None,
                       slurm_additional_parameters=dict(settings.sbatch) or None,
                       slurm_setup=list(settings.setup) or None)
     else:
@@ -150,14 +174,88 @@ def make_executor(kind: str, folder: Path, settings: ClusterSettings, params: di
     # lazy: submitit is needed only with --executor slurm|local
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=settings.max_requeues) \
-        if kind == "slurm" else submitit.AutoExecutor(folder=folder, cluster=kind,
-                                                      local_max_num_timeout=settings.max_requeues)
+    _submitit_log_to_stderr()
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=settings.max_requeues) \
+            if kind == "slurm" else submitit.AutoExecutor(folder=folder, cluster=kind,
+                                                          local_max_num_timeout=settings.max_requeues)
+    except RuntimeError as err:  # no srun here: not a SLURM machine
+        raise ConfigError("arguments", "--executor slurm", f"{err} (sbatch/srun not found)") from None
     executor.update_parameters(**params)
     return executor
 
 
-# --- one task ------------------------------------------------------------------------------------------
+def _submitit_log_to_stderr() -> None:
+    """submitit logs everything to stdout and its warnings to stderr too; here (the submitting
+    side) only the warnings, on stderr, so stdout says what trickbench did."""
+    logger = logging.getLogger("submitit")
+    for handler in list(logger.handlers):
+        if handler.get_name() == "submitit_out":
+            logger.removeHandler(handler)
+
+
+def sbatch_refusal(text: str) -> Optional[str]:
+    """What sbatch says against a batch script, checked without submitting it (``--test-only``), on
+    one line; None when it would be accepted. Catches what SLURM accepts and then pends forever
+    (more CPUs than a node has) as well as what it refuses (partition, gres, account, limits)."""
+    try:
+        done = subprocess.run(["sbatch", "--test-only"], input=text, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        return "sbatch not found: not a SLURM login node"
+    except subprocess.TimeoutExpired:
+        return "sbatch --test-only did not answer within 120 s (is slurmctld up?)"
+    if done.returncode == 0:
+        return None
+    return one_line(done.stderr or done.stdout) or f"sbatch --test-only exited with code {done.returncode}"
+
+
+def one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def check_with_scheduler(settings: ClusterSettings, matrix: Matrix) -> None:
+    """Ask sbatch (``--test-only``) about each array this matrix would submit, before anything is
+    written or submitted; ConfigError with sbatch's own words on a refusal."""
+    # lazy: submitit is needed only with --executor slurm|local
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    minutes = task_minutes(settings, matrix)
+    device = matrix.cells[0].config.device
+    with tempfile.TemporaryDirectory(prefix="trickbench-sbatch-") as folder:
+        for (world_size, cpus), runs in arrays_of(matrix.runs(), settings).items():
+            params = executor_parameters(settings, "slurm", matrix.name, world_size, device, minutes, cpus)
+            executor = make_executor("slurm", Path(folder), settings, params)
+            text = _make_sbatch_string(command="true", folder=folder, map_count=len(runs),
+                                       **executor._executor.parameters)
+            if (refusal := sbatch_refusal(text)) is not None:
+                gpus = params.get("gpus_per_node", 0)
+                raise ConfigError(matrix.file, "slurm", f"sbatch refuses the array of world_size {world_size} "
+                                  f"({cpus} CPU{'s' * (cpus != 1)}, {gpus} GPU{'s' * (gpus != 1)} per task): {refusal}")
+
+
+@contextlib.contextmanager
+def refusal_leaves_nothing(folder: Path, file: str, what: str) -> Iterator[None]:
+    """Submit inside: a refusal of sbatch (or submitit) removes the pickles and scripts submitit
+    wrote for it and becomes one ConfigError with sbatch's message; submitit's own printing of it
+    is swallowed."""
+    new = folder  # the outermost folder this submission creates
+    while not new.parent.exists():
+        new = new.parent
+    before = set(folder.iterdir()) if folder.exists() else None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    except Exception as err:  # noqa: BLE001 - submitit's FailedJobError and whatever sbatch's failure raised
+        if before is None:
+            shutil.rmtree(new, ignore_errors=True)
+        else:
+            for path in set(folder.iterdir()) - before:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise ConfigError(file, "slurm", f"sbatch refused {what}: {one_line(str(err)) or type(err).__name__}") \
+            from None
+
+
+# --- run files -------------------------------------------------------------------------------------------
 
 def run_file(out_dir: Path, cell_id: str, seed: int) -> Path:
     return Path(out_dir) / RUNS_DIR / f"{cell_id}-{seed}.json"
@@ -170,41 +268,6 @@ def read_run_file(path: Path) -> Optional[Row]:
         if row_problem(row) is None:
             return row
     return None
-
-
-try:  # submitit is needed to submit; without it the rest of this module (collect, status) still works
-    from submitit.helpers import Checkpointable
-except ImportError:  # pragma: no cover
-    Checkpointable = object  # type: ignore[misc,assignment]
-
-
-class RunTask(Checkpointable):
-    """One (cell, seed) as a submitit task: train in a child like the sequential runner, write the
-    row file. Plain data only, so it pickles to the compute node. Requeue: submitit calls
-    ``checkpoint()`` on preemption or timeout (the default re-submits this same call)."""
-
-    def __init__(self, out_dir: str, matrix: str, cell_id: str, seed: int, axes: dict[str, Any],
-                 config: dict[str, Any], retry_failed: bool = False) -> None:
-        self.out_dir, self.matrix, self.cell_id, self.seed = out_dir, matrix, cell_id, seed
-        self.axes, self.config, self.retry_failed = axes, config, retry_failed
-
-    def __call__(self) -> Row:
-        target = run_file(Path(self.out_dir), self.cell_id, self.seed)
-        done = read_run_file(target)
-        if done is not None and (done["status"] == "ok" or not self.retry_failed):
-            return done  # finished before (a resubmitted or requeued task): never run twice
-        work = Path(self.out_dir) / CLUSTER_DIR / "work" / f"{self.cell_id}-{self.seed}"
-        shutil.rmtree(work, ignore_errors=True)  # what a killed attempt left
-        work.mkdir(parents=True)
-        config = TrainConfig.from_dict(self.config, file="<job>")
-        job = write_job(work, self.matrix, self.cell_id, self.seed, self.axes, self.config)
-        command, env = worker_command(config, job, f"{self.cell_id}-{self.seed}-{os.getpid()}")
-        row = run_job_file(job, command, env, config.time_limit_s)
-        row["executor"] = os.environ.get("SUBMITIT_EXECUTOR", "submitit")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, json.dumps(row, default=str))  # a reader sees the whole row or none
-        shutil.rmtree(work, ignore_errors=True)
-        return row
 
 
 # --- collecting --------------------------------------------------------------------------------------------
@@ -263,6 +326,7 @@ def record_jobs(out_dir: Path, kind: str, folder: Path, jobs: dict[str, str]) ->
     if record.get("executor") not in (None, kind):
         record["runs"] = {}  # ids of another executor mean nothing to this one
     record.update(executor=kind, folder=str(folder))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    record["runs"].update({key: {"job_id": job_id, "submitted_at": stamp} for key, job_id in jobs.items()})
+    stamp, now = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
+    record["runs"].update({key: {"job_id": job_id, "submitted_at": stamp, "submitted_s": now}
+                           for key, job_id in jobs.items()})
     write_atomic(Path(out_dir) / CLUSTER_DIR / JOBS_FILE, json.dumps(record, indent=1))

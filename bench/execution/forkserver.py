@@ -43,11 +43,13 @@ def context() -> multiprocessing.context.ForkServerContext:
 
 
 class ForkedRun:
-    """One run forked from the server: the part of ``subprocess.Popen`` the runner uses."""
+    """One run forked from the server (or from this process): the part of ``subprocess.Popen`` the
+    runner uses."""
 
-    def __init__(self, job_path: Path, env: dict[str, str]) -> None:
-        self.process = context().Process(target=worker.forked_main, args=(str(job_path), env),
-                                         name=f"trickbench-run {job_path.name}")
+    def __init__(self, job_path: Path, env: dict[str, str], here: bool = False) -> None:
+        ctx = multiprocessing.get_context("fork") if here else context()
+        self.process = ctx.Process(target=worker.forked_main, args=(str(job_path), env),
+                                   name=f"trickbench-run {job_path.name}")
         self.process.start()
         self.pid = self.process.pid
 
@@ -61,6 +63,10 @@ class ForkedRun:
         return self.process.exitcode
 
 
-def start(job_path: Path, env: dict[str, Any] | None) -> ForkedRun:
-    """Fork one run of the worker on ``job_path`` with ``env`` (default: the runner's own now)."""
-    return ForkedRun(job_path, dict(os.environ if env is None else env))
+def start(job_path: Path, env: dict[str, Any] | None, here: bool = False) -> ForkedRun:
+    """Fork one run of the worker on ``job_path`` with ``env`` (default: the runner's own now).
+
+    ``here``: fork this process instead of the server. For a process that starts one run and has
+    itself imported the worker and nothing more (a cluster task: it unpickled its task, which
+    imports the worker): a server would pay the imports a second time for that one run."""
+    return ForkedRun(job_path, dict(os.environ if env is None else env), here)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from bench.config.train_config import TrainConfig
+from bench.parts.distributed import allocated_cpus
 
 
 @dataclass(frozen=True)
@@ -128,5 +129,5 @@ def child_environment(placement: Placement, cpu_slots: int) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(ids[i] if ids else str(i) for i in placement.gpus)}
     if placement.alone:
         return {}
-    cores = max(1, (os.cpu_count() or 1) // cpu_slots)
+    cores = max(1, allocated_cpus() // cpu_slots)
     return {"TRICKBENCH_CORES": str(cores), "OMP_NUM_THREADS": str(cores)}

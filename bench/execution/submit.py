@@ -1,14 +1,17 @@
 """``trickbench run M --executor slurm|local``, ``trickbench collect DIR``, ``trickbench status DIR``.
 
 The submitting side of :mod:`bench.execution.cluster`: checks the folder like the sequential runner (one
-matrix per folder, resume, ``--fresh``, ``--retry-failed``), submits the runs without a row as
-one job array per world size (a task asks for W GPUs; SLURM arrays share one resource request),
-records the job ids, and, for the local executor or with ``--wait``, waits and collects.
+matrix per folder, resume, ``--fresh``, ``--retry-failed``), submits the runs that have no row and
+are not queued or running (one submission at a time per folder: its lock) as one job array per
+(world size, CPUs) (a task asks for W GPUs; SLURM arrays share one resource request), records
+the job ids, and, for the local executor or with ``--wait``, waits (until every run is done or
+lost, or ``--timeout``) and collects.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 
 from bench.config.matrix import Cell, Matrix
 from bench.config.slurm import ClusterSettings
-from bench.execution import cluster
+from bench.execution import cluster, queue
 from bench.execution.runner import (
     MatrixOutcome,
     check_matrix,
@@ -25,6 +28,7 @@ from bench.execution.runner import (
     standing_rows,
     termination_as_exception,
 )
+from bench.execution.task import RunTask
 from bench.store.results import (
     CSV_FILE,
     MATRIX_FILE,
@@ -44,7 +48,8 @@ def todo_runs(matrix: Matrix, rows: list[Row], retry_failed: bool) -> list[tuple
 
 
 def prepare(matrix: Matrix, out_dir: Path, fresh: bool, retry_failed: bool) -> list[tuple[Cell, int]]:
-    """Under the folder's lock: refuse another matrix, merge finished run files, list what is left."""
+    """Under the folder's lock: refuse another matrix, merge finished run files, list what is left
+    (runs without a row that no job of this folder has in the queue)."""
     if fresh and (moved := move_aside(out_dir)):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for old in (out_dir / cluster.RUNS_DIR, out_dir / cluster.CLUSTER_DIR / cluster.JOBS_FILE):
@@ -58,39 +63,57 @@ def prepare(matrix: Matrix, out_dir: Path, fresh: bool, retry_failed: bool) -> l
     todo = todo_runs(matrix, rows, retry_failed)
     if len(todo) < len(matrix.runs()):
         print(f"resuming: {len(matrix.runs()) - len(todo)} of {len(matrix.runs())} runs already in {out_dir / ROWS_FILE}")
-    return todo
+    flying = {s.key: s for s in queue.run_states(out_dir) if s.state in queue.IN_FLIGHT}
+    if unknown := sum(s.state == "unknown" for s in flying.values()):
+        print(f"warning: squeue did not answer; {unknown} runs with a job are not resubmitted", file=sys.stderr)
+    waiting = [(c, s) for c, s in todo if (c.cell_id, s) in flying]
+    if waiting:
+        print(f"{len(waiting)} runs are queued or running already: not submitted again "
+              f"(`trickbench status {out_dir}`)")
+    return [(c, s) for c, s in todo if (c.cell_id, s) not in flying]
 
 
-def task_for(out_dir: Path, matrix: Matrix, cell: Cell, seed: int, retry_failed: bool) -> cluster.RunTask:
-    return cluster.RunTask(str(out_dir.resolve()), matrix.name, cell.cell_id, seed, cell.axes,
-                           cell.config.to_dict(), retry_failed)
-
-
-def groups_by_world_size(todo: list[tuple[Cell, int]]) -> dict[int, list[tuple[Cell, int]]]:
-    groups: dict[int, list[tuple[Cell, int]]] = {}
-    for cell, seed in todo:
-        groups.setdefault(cell.config.world_size, []).append((cell, seed))
-    return groups
+def task_for(out_dir: Path, matrix: Matrix, cell: Cell, seed: int, retry_failed: bool,
+             settings: ClusterSettings, shared_timing: bool) -> RunTask:
+    return RunTask(str(out_dir.resolve()), matrix.name, cell.cell_id, seed, cell.axes, cell.config.to_dict(),
+                   retry_failed, settings.max_requeues, shared_timing)
 
 
 def submit_arrays(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], settings: ClusterSettings,
-                  retry_failed: bool) -> list[Any]:
-    """One submitit job array per world size; their job ids recorded in the folder."""
+                  retry_failed: bool) -> None:
+    """One submitit job array per (world size, CPUs); the job ids of each recorded as it is accepted.
+    A refusal: one ConfigError with sbatch's words, and nothing of that array left behind."""
     folder = out_dir.resolve() / cluster.CLUSTER_DIR / "submitit"
     minutes = cluster.task_minutes(settings, matrix)
     device = matrix.cells[0].config.device
-    jobs, ids = [], {}
-    for world_size, runs in groups_by_world_size(todo).items():
-        params = cluster.executor_parameters(settings, "slurm", matrix.name, world_size, device, minutes)
+    for (world_size, cpus), runs in cluster.arrays_of(todo, settings).items():
+        params = cluster.executor_parameters(settings, "slurm", matrix.name, world_size, device, minutes, cpus)
         executor = cluster.make_executor("slurm", folder, settings, params)
-        # submit_array: one array of Checkpointable tasks (submitit's way to requeue them)
-        array = executor.submit_array([task_for(out_dir, matrix, c, s, retry_failed) for c, s in runs])
-        jobs += array
-        ids.update({f"{c.cell_id}-{s}": job.job_id for (c, s), job in zip(runs, array)})
-        print(f"submitted {len(runs)} runs of world_size {world_size} as SLURM job array {array[0].job_id.split('_')[0]}"
-              f" ({params.get('gpus_per_node', 0)} GPUs, {minutes} min per task)")
-    cluster.record_jobs(out_dir, "slurm", folder, ids)
-    return jobs
+        tasks = [task_for(out_dir, matrix, c, s, retry_failed, settings, not settings.whole_nodes) for c, s in runs]
+        with cluster.refusal_leaves_nothing(folder, matrix.file, f"the array of world_size {world_size}"):
+            # submit_array: one array of Checkpointable tasks (submitit's way to requeue them)
+            array = executor.submit_array(tasks)
+        cluster.record_jobs(out_dir, "slurm", folder, {f"{c.cell_id}-{s}": job.job_id
+                                                       for (c, s), job in zip(runs, array)})
+        batch = f"job array {array[0].job_id.split('_')[0]}" if len(runs) > 1 else f"job {array[0].job_id}"
+        print(f"submitted {plural(len(runs), 'run')} of world_size {world_size} as SLURM {batch}"
+              f" ({plural(cpus, 'CPU')}, {plural(params.get('gpus_per_node', 0), 'GPU')}, {minutes} min per task"
+              + (", whole nodes)" if settings.whole_nodes else "; timing shared with other jobs)"))
+
+
+def wait_for_runs(out_dir: Path, timeout_s: float | None) -> list[queue.RunState]:
+    """Until no run of the folder is queued or running (each done, failed or lost), or ``timeout_s``;
+    one squeue call per look, looking less often as the wait grows. The runs still open at the end."""
+    started = time.monotonic()
+    gone_since: dict[tuple[str, int], float] = {}
+    while True:
+        states = queue.run_states(out_dir, gone_since)
+        flying = [s for s in states if s.state in queue.IN_FLIGHT]
+        waited = time.monotonic() - started
+        if not flying or (timeout_s is not None and waited >= timeout_s):
+            return flying
+        pause = min(30.0, 2.0 + waited / 10)
+        time.sleep(pause if timeout_s is None else max(0.1, min(pause, timeout_s - waited)))
 
 
 def run_local(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], settings: ClusterSettings,
@@ -110,7 +133,7 @@ def run_local(matrix: Matrix, out_dir: Path, todo: list[tuple[Cell, int]], setti
                 params = cluster.executor_parameters(settings, "local", matrix.name, cell.config.world_size,
                                                      device, minutes)
                 job = cluster.make_executor("local", folder, settings, params).submit(
-                    task_for(out_dir, matrix, cell, seed, retry_failed))
+                    task_for(out_dir, matrix, cell, seed, retry_failed, settings, parallelism > 1))
                 cluster.record_jobs(out_dir, "local", folder, {f"{cell.cell_id}-{seed}": job.job_id})
                 running.append((cell, seed, job))
             time.sleep(cluster.POLL_S)
@@ -146,24 +169,33 @@ def _print_finished(out_dir: Path, cell: Cell, seed: int, job: Any, finished: in
 
 
 def run_matrix_on_cluster(matrix: Matrix, out_dir: Path, kind: str, settings: ClusterSettings,
-                          fresh: bool = False, retry_failed: bool = False, wait: bool = False) -> MatrixOutcome | None:
-    """Submit the runs of ``matrix`` that have no row; None when submitted without waiting."""
+                          fresh: bool = False, retry_failed: bool = False, wait: bool = False,
+                          timeout_s: float | None = None) -> MatrixOutcome | None:
+    """Submit the runs of ``matrix`` that have no row and no job in the queue; None when submitted
+    without waiting. ``wait``: until every run is done or lost (or ``timeout_s``), then collect."""
     with termination_as_exception():
         with exclusive(out_dir):
             todo = prepare(matrix, out_dir, fresh, retry_failed)
             if kind == "local":
                 run_local(matrix, out_dir, todo, settings, retry_failed)
             elif todo:
-                jobs = submit_arrays(matrix, out_dir, todo, settings, retry_failed)
-        if kind == "slurm" and todo and not wait:
-            print(f"see progress with `trickbench status {out_dir}`; merge rows with `trickbench collect {out_dir}`")
+                submit_arrays(matrix, out_dir, todo, settings, retry_failed)
+        if kind == "slurm" and not wait:
+            if todo:
+                print(f"see progress with `trickbench status {out_dir}`; merge rows with `trickbench collect {out_dir}`")
             return None
-        if kind == "slurm" and todo:
-            while not all(job.done() for job in jobs):
-                time.sleep(30)
+        if kind == "slurm":
+            open_runs = wait_for_runs(out_dir, timeout_s)
+            if open_runs:
+                print(f"timeout: {len(open_runs)} runs still queued or running after {timeout_s:g} s; they go on "
+                      f"(`trickbench status {out_dir}`, then `trickbench collect {out_dir}`)", file=sys.stderr)
     with exclusive(out_dir):
         cluster.collect(out_dir)
         rows = read_rows(out_dir / ROWS_FILE, warn=False)
+    if kind == "slurm":
+        for state in queue.run_states(out_dir):
+            if state.state == "lost":
+                print(f"  lost: cell {state.cell_id} seed {state.seed}: {state.detail}")
     standing = standing_rows(matrix, rows)
     asked = {(c.cell_id, s) for c, s in todo}
     written = [r for r in standing if (r["cell_id"], r["seed"]) in asked]
@@ -183,74 +215,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
-SLURM_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
-
-
-def job_state(kind: str, folder: str, job_id: str) -> str:
-    """queued, running, ended (without a row) or unknown, from the scheduler."""
-    if kind == "local":
-        return "running" if _local_controller_alive(job_id) else "ended"
-    try:
-        # lazy: submitit is needed only with --executor slurm|local
-        import submitit
-
-        state = submitit.SlurmJob(folder=folder, job_id=job_id).state.split()[0]
-    except Exception:  # noqa: BLE001 - no sacct here, or the scheduler forgot the job
-        return "unknown"
-    if state in SLURM_QUEUED:
-        return "queued"
-    return "running" if state in SLURM_RUNNING else ("unknown" if state == "UNKNOWN" else "ended")
-
-
-def _local_controller_alive(job_id: str) -> bool:
-    """The local executor's job id is its controller's pid (reused pids are told apart by name)."""
-    try:
-        cmdline = Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return False
-    return b"submitit" in cmdline
-
-
-def run_states(out_dir: Path) -> list[tuple[str, str, int, str]]:
-    """(state, cell_id, seed, detail) of every run of the folder's matrix."""
-    record = cluster.read_jobs(out_dir)
-    matrix = json.loads((out_dir / MATRIX_FILE).read_text(encoding="utf-8"))
-    latest = latest_runs(read_rows(out_dir / ROWS_FILE))
-    states = []
-    for seed in matrix["seeds"]:
-        for cell in matrix["cells"]:
-            cell_id = cell["cell_id"]
-            row = cluster.read_run_file(cluster.run_file(out_dir, cell_id, seed)) or latest.get((cell_id, seed))
-            job = record["runs"].get(f"{cell_id}-{seed}")
-            if row is not None and row["status"] == "ok":
-                states.append(("done", cell_id, seed, ""))
-            elif row is not None and (job is None or row.get("started_at", "") >= job["submitted_at"]):
-                states.append(("failed", cell_id, seed, f"{row['status']}: {row['error']}"))
-            elif job is None:
-                states.append(("not submitted", cell_id, seed, ""))
-            else:
-                state = job_state(record["executor"], record["folder"], job["job_id"])
-                detail = f"job {job['job_id']}" + (" ended without a row; run again to resubmit"
-                                                   if state == "ended" else "")
-                states.append(("lost" if state == "ended" else state, cell_id, seed, detail))
-    return states
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     out_dir = Path(args.dir)
     if not (out_dir / MATRIX_FILE).is_file():
         raise StoreError(f"{args.dir}: no {MATRIX_FILE}; not an output folder of `trickbench run`")
-    states = run_states(out_dir)
-    counts = Counter(state for state, *_ in states)
+    states = queue.run_states(out_dir)
+    counts = Counter(s.state for s in states)
     order = ["done", "failed", "running", "queued", "lost", "unknown", "not submitted"]
     print(f"{out_dir}: " + ", ".join(f"{counts[s]} {s}" for s in order if counts[s]) + f" of {len(states)} runs")
-    for state, cell_id, seed, detail in states:
-        if state not in ("done", "queued", "running"):
-            print(f"  {state}: cell {cell_id} seed {seed}" + (f": {detail}" if detail else ""))
-    not_collected = sum(1 for s, c, sd, _ in states if s == "done"
-                        and (c, sd) not in latest_runs(read_rows(out_dir / ROWS_FILE, warn=False)))
+    for s in states:
+        if s.state not in ("done", "queued", "running") or "may never start" in s.detail:
+            print(f"  {s.state}: cell {s.cell_id} seed {s.seed}" + (f": {s.detail}" if s.detail else ""))
+    collected = latest_runs(read_rows(out_dir / ROWS_FILE, warn=False))
+    not_collected = sum(1 for s in states if s.state == "done" and s.key not in collected)
     if not_collected:
         print(f"{not_collected} finished runs are not in {ROWS_FILE} yet: `trickbench collect {out_dir}`")
     return 0
 
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -65,10 +65,25 @@ def local_rank() -> int:
     return _env_count("LOCAL_RANK", 0, minimum=0)
 
 
+def allocated_cpus() -> int:
+    """The CPUs this process was given, not the machine's: a SLURM task's allocation
+    (``SLURM_CPUS_PER_TASK``; ``SLURM_CPUS_ON_NODE`` without one), else the CPU affinity mask
+    (cgroups, taskset), else every core."""
+    names = ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE") if os.environ.get("SLURM_JOB_ID") else ()
+    for name in names:
+        text = os.environ.get(name, "")
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def threads_per_rank(ranks_on_this_machine: int) -> int:
-    """Intra-op threads for each of n ranks sharing this machine's cores, so they do not oversubscribe
-    (the cores the runner gave this run when it runs beside others: ``TRICKBENCH_CORES``)."""
-    cores = int(os.environ.get("TRICKBENCH_CORES") or os.cpu_count() or 1)
+    """Intra-op threads for each of n ranks sharing this run's cores, so they do not oversubscribe
+    (the cores the runner gave this run when it runs beside others: ``TRICKBENCH_CORES``; else the
+    process's allocation, :func:`allocated_cpus`)."""
+    cores = int(os.environ.get("TRICKBENCH_CORES") or allocated_cpus())
     return max(1, cores // ranks_on_this_machine)
 
 

@@ -241,6 +241,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpus": distributed.allocated_cpus(),  # given to this run (a SLURM task's allocation, the affinity mask)
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "hostname": platform.node(),
     }

@@ -4,6 +4,11 @@ Everything a run can do to a process (allocator state, autotuning, compile cache
 stays in this process. Failures are caught here and written as rows with a status; a death
 without a row is recorded by the parent.
 
+A scheduler's signal (SIGTERM: preemption, ``scontrol requeue``, a cancel; SIGUSR2: the warning
+before a time limit or a preemption) means "stop, this run will be run again": the worker writes
+no row, leaves ``row_path.stopped`` (the signal's name) and exits with :data:`STOPPED_EXIT`, so
+that whoever started it can tell a stop from a failure (a cluster task requeues the run).
+
 With world_size > 1 torchrun starts this once per rank. Rank 0 (on each node: local rank 0)
 writes the row; another rank that fails writes its own row beside it (``row_path.rankR``) and
 exits non-zero, so that torchrun stops the ranks still waiting for it in a collective.
@@ -57,6 +62,26 @@ CPU_ALLOCATION_FAILURES = ("can't allocate memory", "could not create a primitiv
 # Imported lazily by some datasets; under an address-space cap their import fails or, for
 # OpenBLAS (scipy's), spins at 100% CPU retrying its thread buffers. Loaded before the cap.
 LAZY_LIBRARIES = ("sklearn.datasets", "sklearn.model_selection")
+# Exit code of a worker stopped by a scheduler signal (EX_TEMPFAIL): no row, run it again.
+STOPPED_EXIT = 75
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def stopped_marker(row_path: str | Path) -> Path:
+    """Where a stopped worker names the signal that stopped it (beside its row file)."""
+    return Path(f"{row_path}.stopped")
+
+
+def stop_on_scheduler_signals(row_path: str | Path) -> None:
+    """SIGTERM or SIGUSR2: leave the marker and exit with :data:`STOPPED_EXIT` at once, no row."""
+    def stop(signum: int, frame: Any) -> None:
+        try:
+            write_atomic(stopped_marker(row_path), signal.Signals(signum).name)
+        finally:
+            os._exit(STOPPED_EXIT)
+
+    for signum in SCHEDULER_SIGNALS:
+        signal.signal(signum, stop)
 
 
 def classify(error: BaseException) -> str:
@@ -156,6 +181,7 @@ def main(argv: list[str], forked: bool = False) -> int:
     entered = time.time()
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text())
+    stop_on_scheduler_signals(job["row_path"])
     # Exit with the parent (the runner, the fork server, or torchrun for a rank), even one killed by SIGKILL.
     lifeline.die_with_parent(signal.SIGKILL)
     single = job["config"].get("world_size", 1) == 1 and not forked  # else the parent is not the runner
@@ -179,6 +205,8 @@ def main(argv: list[str], forked: bool = False) -> int:
 def forked_main(job_path: str, env: dict[str, str]) -> None:
     """A run forked from the fork server (bench.execution.forkserver), made to look like a fresh
     worker process before :func:`main` runs."""
+    for signum in SCHEDULER_SIGNALS:  # not the handlers of the process it was forked from
+        signal.signal(signum, signal.SIG_DFL)
     os.setsid()  # a session of its own, as a fresh child gets: a time limit kills the whole group
     # multiprocessing hands each forked child the write end of the pipe whose EOF tells the server
     # that the runner is gone. Held here, it would keep the server (and so this run, whose death
