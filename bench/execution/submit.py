@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ from bench.execution.runner import (
     standing_rows,
     termination_as_exception,
 )
+from bench.store.files import refuse_linked_folders
 from bench.store.results import (
     CSV_FILE,
     MATRIX_FILE,
@@ -32,6 +34,7 @@ from bench.store.results import (
     Row,
     StoreError,
     latest_runs,
+    read_matrix_record,
     read_rows,
     write_atomic,
 )
@@ -148,6 +151,8 @@ def _print_finished(out_dir: Path, cell: Cell, seed: int, job: Any, finished: in
 def run_matrix_on_cluster(matrix: Matrix, out_dir: Path, kind: str, settings: ClusterSettings,
                           fresh: bool = False, retry_failed: bool = False, wait: bool = False) -> MatrixOutcome | None:
     """Submit the runs of ``matrix`` that have no row; None when submitted without waiting."""
+    for name in (cluster.RUNS_DIR, cluster.CLUSTER_DIR):  # per-run files and job ids are never written through a link
+        refuse_linked_folders(out_dir / name / "x", out_dir)
     with termination_as_exception():
         with exclusive(out_dir):
             todo = prepare(matrix, out_dir, fresh, retry_failed)
@@ -215,7 +220,7 @@ def _local_controller_alive(job_id: str) -> bool:
 def run_states(out_dir: Path) -> list[tuple[str, str, int, str]]:
     """(state, cell_id, seed, detail) of every run of the folder's matrix."""
     record = cluster.read_jobs(out_dir)
-    matrix = json.loads((out_dir / MATRIX_FILE).read_text(encoding="utf-8"))
+    matrix = read_matrix_record(out_dir)  # the store's reader: schema, size and finiteness checked
     latest = latest_runs(read_rows(out_dir / ROWS_FILE))
     states = []
     for seed in matrix["seeds"]:
@@ -239,7 +244,7 @@ def run_states(out_dir: Path) -> list[tuple[str, str, int, str]]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     out_dir = Path(args.dir)
-    if not (out_dir / MATRIX_FILE).is_file():
+    if not os.path.lexists(out_dir / MATRIX_FILE):
         raise StoreError(f"{args.dir}: no {MATRIX_FILE}; not an output folder of `trickbench run`")
     states = run_states(out_dir)
     counts = Counter(state for state, *_ in states)
