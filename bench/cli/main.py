@@ -22,7 +22,7 @@ from bench.config.matrix import MAX_CELLS, Matrix
 from bench.execution.cluster import check_fits, compute_node_view, settings_for
 from bench.execution.runner import Terminated, default_devices, run_matrix, termination_as_exception
 from bench.execution.slots import LocalDevices, request_for, too_wide
-from bench.execution.submit import run_matrix_on_cluster
+from bench.execution.submit import check_cluster_folders, run_matrix_on_cluster
 from bench.parts.data import DATASETS
 from bench.parts.distributed import drop_inherited_rank_variables
 from bench.parts.models import MODELS, torchvision_names
@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Local placement only; a cluster executor's tasks each get their own node's GPUs.
     devices = local_devices(args, matrix) if args.executor == "sequential" else None
     settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written
+    if settings is not None:
+        check_cluster_folders(out_dir)
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
         out_dir.mkdir(parents=True, exist_ok=True)
     for warning in matrix.warnings:

@@ -148,11 +148,17 @@ def _print_finished(out_dir: Path, cell: Cell, seed: int, job: Any, finished: in
     print(f"[{finished:>3}/{total}] {cell.label()} seed={seed}: {detail}", flush=True)
 
 
+def check_cluster_folders(out_dir: Path) -> None:
+    """Refuse (StoreError) a linked ``runs/`` or ``cluster/`` in the output folder, before anything
+    is written: per-run files and job ids are never written through a link."""
+    for name in (cluster.RUNS_DIR, cluster.CLUSTER_DIR):
+        refuse_linked_folders(out_dir / name / "x", out_dir)
+
+
 def run_matrix_on_cluster(matrix: Matrix, out_dir: Path, kind: str, settings: ClusterSettings,
                           fresh: bool = False, retry_failed: bool = False, wait: bool = False) -> MatrixOutcome | None:
     """Submit the runs of ``matrix`` that have no row; None when submitted without waiting."""
-    for name in (cluster.RUNS_DIR, cluster.CLUSTER_DIR):  # per-run files and job ids are never written through a link
-        refuse_linked_folders(out_dir / name / "x", out_dir)
+    check_cluster_folders(out_dir)
     with termination_as_exception():
         with exclusive(out_dir):
             todo = prepare(matrix, out_dir, fresh, retry_failed)

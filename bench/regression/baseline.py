@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.base.errors import MAX_ERROR_CHARS, clip
 from bench.config.matrix import load_matrix
 from bench.execution.runner import run_matrix
 from bench.regression import pytest_bench
@@ -171,7 +172,7 @@ def one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[a
         try:
             return command(args)
         except BadInput as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {clip(str(err), MAX_ERROR_CHARS)}", file=sys.stderr)
             return 2
     return wrapped
 
@@ -288,9 +289,9 @@ def refuse_fewer_seeds(document: dict[str, Any], seeds: dict[str, set[str]], pat
             continue
         lost = [str(s) for s in entry["seeds"] if str(s) not in seeds[cell_id]]
         if lost:
-            raise BadInput(f"{source}: cell {cell_id} has no successful run of seeds {', '.join(lost[:5])}, which "
-                           f"{path} holds; an update from fewer seeds would drop them: refused, the baseline is "
-                           "unchanged (give results of every seed, or record a new baseline)")
+            raise BadInput(f"{clip(source, 80)}: cell {clip(cell_id, 40)} has no successful run of seeds "
+                           f"{', '.join(lost[:5])}, which the baseline holds; updating from fewer seeds would drop "
+                           "them (refused: the baseline is unchanged)")
 
 
 @one_line_errors

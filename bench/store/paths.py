@@ -45,6 +45,10 @@ def check_out_file(path: str | Path, flag: str) -> None:
     absolute = Path(os.path.abspath(path))
     if not absolute.name or len(os.fsencode(str(absolute))) >= os.pathconf("/", "PC_PATH_MAX"):
         raise ConfigError("arguments", where, "not a file name, or a path longer than the filesystem allows")
+    folder = absolute.parent
+    name_max = os.pathconf(folder if folder.is_dir() else "/", "PC_NAME_MAX")
+    if len(os.fsencode(absolute.name)) + len(".tmp.") + 12 > name_max:  # the temporary name is longer
+        raise ConfigError("arguments", where, f"a file name longer than the filesystem allows ({name_max} bytes)")
     try:
         mode = os.lstat(absolute).st_mode
     except FileNotFoundError:
@@ -56,14 +60,16 @@ def check_out_file(path: str | Path, flag: str) -> None:
     if mode is not None and not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise ConfigError("arguments", where, f"is {kind}; give a file name")
-    folder = absolute.parent
     if not folder.is_dir():
         raise ConfigError("arguments", where, "its folder does not exist")
-    name_max = os.pathconf(folder, "PC_NAME_MAX")
-    if len(os.fsencode(absolute.name)) + len(".tmp.") + 12 > name_max:  # the temporary name is longer
-        raise ConfigError("arguments", where, f"a file name longer than the filesystem allows ({name_max} bytes)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError("arguments", where, f"its folder is not writable ({os.strerror(errno.EACCES).lower()})")
+    probe = folder / f".{absolute.name}.{os.getpid()}.probe"
+    try:  # what access() cannot tell (root, a read-only mount, procfs): create the name and remove it
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError("arguments", where, f"its folder does not take a new file ({err.strerror})") from None
 
 
 def check_out_files(**flags: str | Path | None) -> None:
