@@ -262,6 +262,8 @@ CASES = [
      "nested too deeply (more than 64 levels)"),
     ("baseline-not-utf8", bad_baseline(text=lambda s: s.encode().replace(b"toy", b"to\xff", 1)), CMP, "not UTF-8 text"),
     ("baseline-truncated", bad_baseline(text=lambda s: s[: len(s) // 2]), CMP, "not valid JSON (line 1"),
+    ("baseline-duplicate-cell", bad_baseline(text=lambda s: s.replace('"c2": {', '"c1": {')), CMP,
+     "duplicate key 'c1' in one object"),
     ("baseline-cells-empty", bad_baseline(lambda d: d.update(cells={})), CMP, "cells: missing, empty"),
     ("baseline-seeds-missing", bad_baseline(lambda d: cell(d).pop("seeds")), CMP, "cells.c1.seeds: expected"),
     ("baseline-seeds-bool", bad_baseline(lambda d: cell(d).update(seeds=[True])), CMP, "cells.c1.seeds: expected"),

@@ -81,6 +81,20 @@ def _refuse_constant(token: str) -> Any:
     raise _NotFinite(token)
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are distinct: json keeps the last of two silently (a baseline's
+    duplicated cell would vanish), so a duplicate is refused, as the matrix YAML refuses one."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return value
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
@@ -108,7 +122,11 @@ def parse_json(data: bytes, path: str | Path, what: str, max_depth: int = MAX_JS
     except UnicodeDecodeError as err:
         raise StoreError(f"{path}: not UTF-8 text (byte {err.start}); not a {what}") from None
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_keys)
+    except _Duplicate as err:
+        raise StoreError(f"{path}: duplicate key {str(err)[:60]!r} in one object (JSON would keep only the "
+                         f"last); not a {what}") from None
     except _NotFinite as err:
         raise StoreError(f"{path}: holds {err}, which is not a finite number; a {what} holds finite numbers "
                          "only") from None
