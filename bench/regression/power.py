@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench.base.errors import MAX_ERROR_CHARS, clip
 from bench.regression.aa import disjoint_splits, jackknife_se, random_splits, rate
 from bench.regression.cells import BadInput
 from bench.regression.compare import IMPROVED, METRICS, REGRESSED, Policy, judge_timing
@@ -162,7 +163,7 @@ def cmd_power(args: argparse.Namespace) -> int:
         if result.get("runs", 0) < 2 * min(args.per_group):
             raise BadInput(f"{path}: {result.get('runs', 0)} ok runs; needs at least {2 * min(args.per_group)}")
     except BadInput as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {clip(str(err), MAX_ERROR_CHARS)}", file=sys.stderr)
         return 2
     text = format_power(result)
     print(text, end="")
