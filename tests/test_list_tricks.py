@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from bench.cli.main import main
+from bench.config.train_config import build_train_config
 from bench.tricks import TRICKS
 
 
@@ -29,3 +30,17 @@ def test_values_continuation_lines_align_under_the_first(capsys):
     assert multi, "expected at least one trick with multi-line values (augment)"
     for i in multi:
         assert lines[i + 1].index(lines[i + 1].strip()) == lines[i].index("values:") + len("values: ")
+
+
+def test_null_is_off_for_every_trick_and_the_list_says_so(capsys):
+    """``null`` parses to the trick's default ("off") for every registered trick, whatever else
+    its values are (stochastic_depth and input_grad_penalty refused it before)."""
+    for entry in TRICKS:
+        config = build_train_config({"model": "tiny_cnn", "dataset": "synthetic", "steps": 8, entry.name: None},
+                                    "<test>")
+        assert config.tricks[entry.name] == entry.obj.default, entry.name
+    main(["list", "tricks"])
+    blocks = capsys.readouterr().out.split("\n")
+    heads = [i for i, line in enumerate(blocks) if line and not line[0].isspace()] + [len(blocks)]
+    for start, end in zip(heads, heads[1:]):
+        assert any(line.strip().startswith("null: off") for line in blocks[start:end]), blocks[start]

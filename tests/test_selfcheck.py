@@ -8,6 +8,7 @@ import torch
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
 from bench.diagnostics import selfcheck
+from bench.tricks import TRICKS
 
 ABLATIONS = Path(__file__).resolve().parent.parent / "ablations"
 CUDA_ONLY = {"memory_reset", "precision_tf32", "tf32_switch", "two_devices", "physics_bf16_speedup"}
@@ -22,7 +23,7 @@ def test_cpu_selfcheck_runs_the_reduced_checks_and_names_the_machine(tmp_path, c
     for name in CUDA_ONLY:
         assert status[name]["status"] == "skipped" and status[name]["detail"].startswith("skipped: no CUDA"), name
     for name in ("clock", "precision_fp32", "precision_fp16", "precision_bf16", "ddp_gloo",
-                 "physics_activation_bytes"):
+                 "physics_activation_bytes", "channels_last", "compile"):  # compile for real: a graph made
         assert status[name]["status"] == "pass", status[name]
     # Activations at the peak: bf16 holds about half of fp32's, from the two runs' own breakdowns.
     figures = status["physics_activation_bytes"]["figures"]
@@ -98,3 +99,19 @@ def test_gpu_physics_config_is_a_valid_run():
         config = selfcheck.resnet50_config(selfcheck.Context(torch.device("cpu"), Path(".")), precision)
         check_run(config)  # raises CellProblem when the model, data or run length do not fit
         assert config.tricks["precision"] == precision and config.dataset == "synthetic"
+
+
+def test_a_check_that_cannot_run_fails_the_selfcheck(monkeypatch, tmp_path, capsys):
+    """A check whose own config is refused (as `compile: True` was) or whose trick is missing is a
+    failure, exit 1: a readiness report must not call a path it never exercised ready."""
+    monkeypatch.setattr(selfcheck, "all_checks", lambda ctx: [
+        ("compile", lambda: selfcheck.check_trick(ctx, "compile", True)),
+        ("missing", lambda: selfcheck.check_trick(ctx, "no_such_trick", True))])
+    assert main(["selfcheck", "--device", "cpu", "--out", str(tmp_path / "out")]) == 1
+    record = json.loads((tmp_path / "out" / "selfcheck.json").read_text())
+    assert [(c["name"], c["status"]) for c in record["checks"]] == [("compile", "fail"), ("no_such_trick", "fail")]
+    assert "could not run" in capsys.readouterr().out
+
+
+def test_the_compile_check_uses_a_value_the_compile_trick_accepts():
+    assert TRICKS.get("compile").parse(selfcheck.COMPILE_MODE) == "default"

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bench.cli.args import positive_int
+from bench.cli.args import float_in, int_in
 from bench.regression.aa import cmd_aa
 from bench.regression.baseline import cmd_check, cmd_compare, cmd_record, cmd_update
 from bench.regression.power import SLOWDOWNS, cmd_power
 from bench.reports.report import cmd_index, cmd_report
+
+# Bounds of the numeric options: nan, inf and counts that could never finish are refused at once.
+FACTOR = float_in(1, 100)  # a ratio of medians; 1 would flag every difference
+PER_GROUP = int_in(1, 1000)  # runs a side
+SPLITS = int_in(1, 100_000)  # random draws; each judges a comparison
 
 
 def add_report(subparsers: Any) -> None:
@@ -25,7 +30,7 @@ def add_report(subparsers: Any) -> None:
 def _add_judging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="timing regressions fail too (a dedicated machine); default: warn only")
-    parser.add_argument("--factor", type=float, default=1.10,
+    parser.add_argument("--factor", type=FACTOR, default=1.10,
                         help="timing: smallest ratio of run medians that counts (default 1.10)")
 
 
@@ -47,7 +52,7 @@ def _add_instructions(parser: argparse.ArgumentParser) -> None:
                              "project's CI: about 2.5 minutes per cell on a 2-core machine (torch is imported under "
                              "valgrind), against a 3-minute CI budget. "
                              "Without valgrind the tier is skipped with a note")
-    parser.add_argument("--instruction-repeats", type=positive_int, default=3, metavar="R",
+    parser.add_argument("--instruction-repeats", type=int_in(1, 100), default=3, metavar="R",
                         help="counts per cell; their spread sets the margin (default 3)")
 
 
@@ -60,7 +65,7 @@ def add_regression_check(subparsers: Any) -> None:
                          help="results folder or cells.jsonl (or pytest-benchmark JSON)")
     compare.add_argument("--against", metavar="REV", help="A/B in this job: run MATRIX (given as BASE) with the "
                          "git revision REV and with this tree, interleaved, and compare them")
-    compare.add_argument("--runs-per-side", type=positive_int, metavar="N",
+    compare.add_argument("--runs-per-side", type=int_in(1, 1000), metavar="N",
                          help="with --against: seeds 0..N-1 instead of the matrix's (timing needs 3)")
     _add_run(compare)
     _add_outputs(compare)
@@ -97,9 +102,9 @@ def add_aa(subparsers: Any) -> None:
     aa.add_argument("matrix", nargs="?", help="matrix YAML whose baseline cell is run (default: a ~5 s tiny_cnn run)")
     aa.add_argument("--profile", help="a profile of the matrix file")
     aa.add_argument("--out", default="results/aa", help="folder for cells.jsonl, aa.json and aa.md")
-    aa.add_argument("--runs", type=positive_int, default=90, help="independent runs in all (default 90)")
-    aa.add_argument("--per-group", type=positive_int, default=3, help="runs per 'cell' in one comparison (default 3)")
-    aa.add_argument("--splits", type=positive_int, default=1000, help="random (dependent) splits (default 1000)")
+    aa.add_argument("--runs", type=int_in(2, 10_000), default=90, help="independent runs in all (default 90)")
+    aa.add_argument("--per-group", type=PER_GROUP, default=3, help="runs per 'cell' in one comparison (default 3)")
+    aa.add_argument("--splits", type=SPLITS, default=1000, help="random (dependent) splits (default 1000)")
     aa.set_defaults(func=cmd_aa)
 
 
@@ -107,10 +112,10 @@ def add_power(subparsers: Any) -> None:
     """Add ``power`` to the trickbench command line."""
     power = subparsers.add_parser("power", help="false alarms and power of compare's timing tier on A/A runs")
     power.add_argument("results", metavar="RESULTS", help="A/A results folder (from `trickbench aa`) or cells.jsonl")
-    power.add_argument("--per-group", type=positive_int, nargs="+", default=[3, 5], help="runs a side (default 3 5)")
-    power.add_argument("--slowdowns", type=float, nargs="+", default=list(SLOWDOWNS),
+    power.add_argument("--per-group", type=PER_GROUP, nargs="+", default=[3, 5], help="runs a side (default 3 5)")
+    power.add_argument("--slowdowns", type=float_in(0, 10), nargs="+", default=list(SLOWDOWNS),
                        help="injected slowdowns, 0.1 = 10%% slower (default 0.05 0.1 0.15 0.2 0.3 0.5)")
-    power.add_argument("--splits", type=positive_int, default=1000, help="random (dependent) draws (default 1000)")
-    power.add_argument("--factor", type=float, default=1.10, help="the timing tier's factor (default 1.10)")
+    power.add_argument("--splits", type=SPLITS, default=1000, help="random (dependent) draws (default 1000)")
+    power.add_argument("--factor", type=FACTOR, default=1.10, help="the timing tier's factor (default 1.10)")
     power.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     power.set_defaults(func=cmd_power)

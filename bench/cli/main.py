@@ -6,6 +6,7 @@ run or written: argument errors, environment variables, the matrix, and the outp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -13,15 +14,15 @@ from pathlib import Path
 
 from bench.base.errors import ConfigError
 from bench.base.safeyaml import shorten
-from bench.cli.args import OneLineParser, device_list, positive_int
+from bench.cli.args import OneLineParser, device_list, int_in
 from bench.cli.cluster import add_collect_status, add_run_arguments
 from bench.cli.diagnostics import add_attention_memory, add_diagnose, add_selfcheck
 from bench.cli.judging import add_aa, add_power, add_regression_check, add_report
 from bench.config.matrix import MAX_CELLS, Matrix
 from bench.execution.cluster import check_fits, check_with_scheduler, compute_node_view, settings_for
-from bench.execution.runner import Terminated, default_devices, run_matrix
+from bench.execution.runner import Terminated, default_devices, run_matrix, termination_as_exception
 from bench.execution.slots import LocalDevices, request_for, too_wide
-from bench.execution.submit import run_matrix_on_cluster
+from bench.execution.submit import check_cluster_folders, run_matrix_on_cluster
 from bench.parts.data import DATASETS
 from bench.parts.distributed import drop_inherited_rank_variables
 from bench.parts.models import MODELS, torchvision_names
@@ -61,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Local placement only; a cluster executor's tasks each get their own node's GPUs.
     devices = local_devices(args, matrix) if args.executor == "sequential" else None
     settings = cluster_settings(args, matrix)  # --executor slurm|local: checked before anything is written
+    if settings is not None:
+        check_cluster_folders(out_dir)
     if args.executor == "slurm" and not args.dry_run:
         check_with_scheduler(settings, matrix)  # sbatch --test-only: its refusal, before anything is written
     if not args.dry_run:  # the first write, so a folder the checks could not foresee fails before any output
@@ -156,9 +159,16 @@ def summarize(outcome, out_dir: Path) -> int:
     return 1 if failed or missing else 0
 
 
+def off_help(default: object) -> str:
+    """What ``null`` means for a trick: off, i.e. its default (shown as YAML writes it)."""
+    if default is None:
+        return "null: off"
+    return f"null: off (the same as {json.dumps(default) if not isinstance(default, str) else default})"
+
+
 def format_tricks() -> str:
     """Every registered trick: name and description, then its values under them, each line of a
-    multi-line ``values_help`` aligned under the first."""
+    multi-line ``values_help`` aligned under the first, and last what ``null`` means (off)."""
 
     width = max(len(name) for name in TRICKS.names())
     lines = []
@@ -166,7 +176,7 @@ def format_tricks() -> str:
         first, *rest = entry.obj.values_help.strip().splitlines()
         lines.append(f"{entry.name:<{width}}  {entry.description}")
         lines.append(f"{'':<{width}}  values: {first.strip()}")
-        lines += [f"{'':<{width}}          {line.strip()}" for line in rest]
+        lines += [f"{'':<{width}}          {line.strip()}" for line in [*rest, off_help(entry.obj.default)]]
     return "\n".join(lines)
 
 
@@ -198,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run failed runs again (new rows; the newest row of a run counts)")
     run.add_argument("--devices", type=device_list, metavar="0,1,...",
                      help="GPUs to run on, one run per GPU at a time (default: every visible GPU)")
-    run.add_argument("--parallel", type=positive_int, default=1, metavar="N",
+    run.add_argument("--parallel", type=int_in(1, 1024), default=1, metavar="N",
                      help="CPU runs at once (needs --shared-timing; default 1)")
     run.add_argument("--timings", action="store_true",
                      help="after each run, where its wall time went: start (fork), data, model, warm-up, "
@@ -228,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
         check_environment()
-        return args.func(args)
+        with termination_as_exception():  # every verb stops on SIGTERM/SIGHUP as `run` does
+            return args.func(args)
+    except Terminated as stopped:  # `run` says more itself; files are written whole or not at all
+        print(f"stopped by {stopped}: trickbench {args.command} ended before it finished; no file was left "
+              "half-written", file=sys.stderr)
+        return 128 + stopped.signum
     except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ changes a cell_id. bench.execution.cluster turns it into submitit's parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,6 +38,26 @@ class ClusterSettings:
         """Tasks get whole nodes (``exclusive``, or ``sbatch: {exclusive: ...}``): no shared timing."""
         return self.exclusive or self.sbatch.get("exclusive", False) not in (False, None)
 
+# sbatch options trickbench/submitit set themselves. sbatch takes any unambiguous abbreviation of a
+# long option (--arr is --array), so an abbreviation of one of these is refused as well.
+RESERVED_SBATCH = ("array", "output", "error", "signal", "open-mode")
+CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
+
+
+def control_problem(value: object) -> str | None:
+    """Why a string cannot go into a job script line: a newline (or another control character)
+    would end its ``#SBATCH`` line and start one of the caller's choosing."""
+    if isinstance(value, str) and CONTROL & set(value):
+        return (f"{shorten(value)} holds a newline or another control character; it would end the #SBATCH line "
+                "and start another")
+    return None
+
+
+def reserved_sbatch(key: str) -> str | None:
+    """The reserved option ``key`` names or abbreviates, if any."""
+    option = key.replace("_", "-")
+    return next((name for name in RESERVED_SBATCH if name.startswith(option)), None)
+
 
 SETTING_RANGES = {"gpus_per_node": (1, 1024), "cpus_per_task": (1, 4096), "threads_per_rank": (1, 4096),
                   "mem_gb": (0.001, 1e6),
@@ -62,9 +83,13 @@ def parse_settings(data: Any, file: str, where: str = "slurm") -> ClusterSetting
         elif key == "setup":
             if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
                 raise ConfigError(file, path, f"expected a list of shell lines, got {shorten(value)}")
+            if problem := next(filter(None, map(control_problem, value)), None):
+                raise ConfigError(file, path, f"each item is one shell line: {problem}")
             values[key] = tuple(value)
         else:
             values[key] = check_value(SETTING_TYPES[key], value, file, path)
+            if problem := control_problem(values[key]):
+                raise ConfigError(file, path, problem)
             low, high = SETTING_RANGES.get(key, (None, None))
             if values[key] is not None and low is not None and not low <= values[key] <= high:
                 raise ConfigError(file, path, f"{shorten(value)} is out of range [{low:g}, {high:g}]")
@@ -78,10 +103,15 @@ def _parse_sbatch(value: Any, file: str, where: str) -> dict[str, Any]:
     for key, option in value.items():
         if not isinstance(key, str) or not key.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(file, f"{where}.{key}", "not an sbatch option name (letters, digits, - and _)")
-        if key.replace("_", "-") in ("array", "output", "error", "signal", "open-mode"):
-            raise ConfigError(file, f"{where}.{key}", "set by trickbench/submitit; remove it")
+        if reserved := reserved_sbatch(key):
+            named = "" if reserved == key.replace("_", "-") else f" (sbatch reads it as --{reserved})"
+            raise ConfigError(file, f"{where}.{key}", f"set by trickbench/submitit{named}; remove it")
         if not isinstance(option, (str, int, float)) or option is False:
             raise ConfigError(file, f"{where}.{key}", f"{shorten(option)} is not a string, a number or true")
+        if isinstance(option, float) and not math.isfinite(option):
+            raise ConfigError(file, f"{where}.{key}", f"{option} is not a finite number")
+        if problem := control_problem(option):
+            raise ConfigError(file, f"{where}.{key}", problem)
     return dict(value)
 
 
@@ -92,6 +122,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError("--slurm", shorten(pair), "expected KEY=VALUE, e.g. --slurm partition=gpu")
+        if problem := control_problem(pair):  # YAML would fold a newline into a space: refuse it first
+            raise ConfigError("--slurm", shorten(key), problem)
         try:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError:

@@ -261,7 +261,7 @@ def build_train_config(data: dict[str, Any], file: str, where: str = "",
         path = f"{where}.{key}" if where else key
         if key in TRICKS:
             try:
-                trick_values[key] = TRICKS.get(key).parse(value)
+                trick_values[key] = TRICKS.get(key).parse_value(value)  # null: off, for every trick
             except ValueError as err:
                 raise ConfigError(file, path, str(err)) from None
         else:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.base.errors import ConfigError
 from bench.config.train_config import build_train_config
 from bench.parts.models import VIT_TINY_PATCH
 from bench.reports.figures import _pyplot, _save
+from bench.store.files import make_folder, write_atomic
 from bench.store.paths import check_out_dir
+from bench.training.feasibility import CellProblem, check_run
 from bench.training.train import memory_step, prepare_run
 
 KERNELS: dict[str, Any] = {  # label -> the attention trick's value
@@ -31,18 +36,55 @@ KERNELS: dict[str, Any] = {  # label -> the attention trick's value
 STYLES = {"nn.MultiheadAttention": "o-", "math": "s-", "sdpa": "^--", "chunked(16)": "x:"}
 IMAGE_SIZES = (16, 32, 48, 64)
 MIB = 2**20
+VIT_TINY_HEADS, VIT_TINY_LAYERS = 4, 4  # bench.parts.models.vit_tiny
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+
+
+def point_config(value: Any, image_size: int, batch_size: int):
+    return build_train_config({"model": "vit_tiny", "dataset": "synthetic", "image_size": image_size,
+                               "num_samples": batch_size, "batch_size": batch_size, "steps": 10,
+                               "attention": value}, "attention-memory")
+
+
+def attention_bytes(image_size: int, batch_size: int) -> int:
+    """A lower bound of one training step's memory with the math kernel: the attention weights
+    every layer keeps for backward, batch x heads x L^2 float32 (L: tokens)."""
+    tokens = (image_size // VIT_TINY_PATCH) ** 2 + 1
+    return batch_size * VIT_TINY_HEADS * tokens**2 * 4 * VIT_TINY_LAYERS
+
+
+def check_points(image_sizes: tuple[int, ...], batch_size: int) -> None:
+    """Refuse, before anything is measured, points this machine cannot hold (ConfigError, one line)."""
+    where = f"--batch-size {batch_size} --image-sizes {max(image_sizes)}"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = attention_bytes(max(image_sizes), batch_size)
+    if need > memory // 2:
+        raise ConfigError("arguments", where, f"one step keeps at least {need / 2**30:.1f} GiB of attention weights "
+                          f"(math kernel: batch x {VIT_TINY_HEADS} heads x tokens^2 x {VIT_TINY_LAYERS} layers); "
+                          f"this machine has {memory / 2**30:.0f} GiB: use smaller sizes")
+    for size in image_sizes:
+        try:
+            check_run(point_config(None, size, batch_size))
+        except CellProblem as problem:
+            raise ConfigError("arguments", where, problem.message) from None
 
 
 def measure_point(value: Any, image_size: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
     """Peak and activations at the peak of one tracked training step of vit_tiny."""
 
-    config = build_train_config({"model": "vit_tiny", "dataset": "synthetic", "image_size": image_size,
-                                 "num_samples": batch_size, "batch_size": batch_size, "steps": 10,
-                                 "attention": value}, "attention-memory")
-    run = prepare_run(config, seed, torch.device("cpu"))
-    batch = next(iter(run.train_loader(seed)))
-    run.step(batch)  # warm-up: the optimizer's state exists in the measured step, as in a run
-    _, memory = memory_step(run, batch)
+    try:
+        run = prepare_run(point_config(value, image_size, batch_size), seed, torch.device("cpu"))
+        batch = next(iter(run.train_loader(seed)))
+        run.step(batch)  # warm-up: the optimizer's state exists in the measured step, as in a run
+        _, memory = memory_step(run, batch)
+    except RuntimeError as err:  # the allocator's refusal (torch.OutOfMemoryError is one) is the user's size
+        if "alloc" not in str(err) and not isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ConfigError("arguments", f"--batch-size {batch_size} --image-sizes {image_size}",
+                          f"cannot be allocated on this machine ({first_line(err)}); use smaller sizes") from None
     breakdown = memory["memory_breakdown"]
     backend = next((m.backend for t in run.tricks for m in getattr(t, "modules", []) if m.backend), None)
     return {"image_size": image_size, "tokens": (image_size // VIT_TINY_PATCH) ** 2 + 1,
@@ -85,21 +127,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write(rows: list[dict[str, Any]], batch_size: int, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     table = out_dir / "attention_memory.csv"
-    with table.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(table, buffer.getvalue())
     text = out_dir / "attention_memory.md"
-    text.write_text(f"# Attention memory against sequence length\n\nvit_tiny, batch {batch_size}, fp32, "
-                    f"one training step on CPU (`trickbench attention-memory`).\n\n" + markdown_table(rows))
+    write_atomic(text, f"# Attention memory against sequence length\n\nvit_tiny, batch {batch_size}, fp32, "
+                 f"one training step on CPU (`trickbench attention-memory`).\n\n" + markdown_table(rows))
     return [table, text, plot(rows, batch_size, out_dir / "attention_memory.png")]
 
 
 def cmd_attention_memory(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     check_out_dir(out_dir)
+    check_points(tuple(args.image_sizes), args.batch_size)
     torch.set_num_threads(1)  # a count, not a timing: no need for the cores others measure on
     rows = measure(tuple(args.image_sizes), args.batch_size)
     for path in write(rows, args.batch_size, out_dir):

@@ -34,6 +34,7 @@ from bench.config.train_config import build_train_config
 from bench.execution.children import WORKER, run_job_file, write_job
 from bench.parts.clock import StepClock
 from bench.parts.distributed import wrap
+from bench.store.paths import check_out_dir
 from bench.store.results import write_atomic
 from bench.training.measure import environment, synchronize
 from bench.training.train import train
@@ -45,7 +46,8 @@ from bench.tricks.precision import set_tf32
 MIN_BF16_SPEEDUP = 2.0
 ACTIVATION_RATIO = (0.4, 0.65)
 CLOCK_AGREEMENT = (0.9, 1.02)  # events inside the wall window: a little less (launch gaps), never more
-TF32_ERROR = (1e-5, 1e-4)  # fp32-exact matmul below the first; TF32 (10-bit mantissa) above the second
+TF32_ERROR = (1e-5, 1e-4)
+COMPILE_MODE = "default"  # the compile trick's value for plain torch.compile (bench.tricks.torch_compile.MODES)  # fp32-exact matmul below the first; TF32 (10-bit mantissa) above the second
 
 
 @dataclass
@@ -150,8 +152,8 @@ def check_precision(ctx: Context, precision: str) -> Check:
         return skipped(f"precision_{precision}", "no CUDA (TF32 is a CUDA tensor-core mode)")
     try:
         metrics = ctx.rows.get(precision) or train_small(ctx, precision, precision=precision)
-    except ConfigError as err:
-        return skipped(f"precision_{precision}", str(err))
+    except ConfigError as err:  # the check's own config refused: the path was not exercised, a failure
+        return failed(f"precision_{precision}", f"could not run: {err}")
     loss = metrics["final_train_loss"]
     ok = loss is not None and loss == loss and abs(loss) != float("inf")
     return (passed if ok else failed)(f"precision_{precision}", f"final train loss {loss}",
@@ -182,19 +184,22 @@ def check_tf32(ctx: Context) -> Check:
                                       error_off=off, error_on=on)
 
 
-def check_optional_trick(ctx: Context, name: str, value: Any) -> Check:
+def check_trick(ctx: Context, name: str, value: Any) -> Check:
+    """A few steps with trick ``name`` on. A check that cannot run (the trick is not registered, or
+    its config is refused) fails: a readiness report must never pass a path it did not exercise."""
     if name not in TRICKS:
-        return skipped(name, f"no {name} trick registered in this version")
-    return check_precision_like(ctx, name, {name: value})
-
-
-def check_precision_like(ctx: Context, label: str, overrides: dict[str, Any]) -> Check:
+        return failed(name, f"could not run: no {name} trick registered in this version")
     try:
-        metrics = train_small(ctx, label, **overrides)
+        metrics = train_small(ctx, name, **{name: value})
     except ConfigError as err:
-        return skipped(label, str(err))
-    return passed(label, f"trained; {metrics['throughput_samples_per_s']:.0f} samples/s",
-                  throughput=metrics["throughput_samples_per_s"])
+        return failed(name, f"could not run: {err}")
+    detail = f"trained; {metrics['throughput_samples_per_s']:.0f} samples/s"
+    if name == "compile":  # compiled for real: Dynamo made a graph, and the timed steps ran it
+        graphs = metrics.get("compile_graphs")
+        if not graphs:
+            return failed(name, f"compiled no graph (compile_graphs {graphs!r}); the run timed the eager model")
+        detail += f", {graphs} graph(s), compiled in {metrics.get('compile_time_s', 0):.1f} s"
+    return passed(name, detail, throughput=metrics["throughput_samples_per_s"])
 
 
 def free_port() -> int:
@@ -295,8 +300,8 @@ def all_checks(ctx: Context) -> list[tuple[str, Callable[[], Check | list[Check]
     return [("clock", lambda: check_clock(ctx)), ("memory_reset", lambda: check_memory_reset(ctx)),
             *[(f"precision_{p}", lambda p=p: check_precision(ctx, p)) for p in ("fp32", "tf32", "fp16", "bf16")],
             ("tf32_switch", lambda: check_tf32(ctx)),
-            ("channels_last", lambda: check_optional_trick(ctx, "channels_last", True)),
-            ("compile", lambda: check_optional_trick(ctx, "compile", True)),
+            ("channels_last", lambda: check_trick(ctx, "channels_last", True)),
+            ("compile", lambda: check_trick(ctx, "compile", COMPILE_MODE)),
             ("ddp", lambda: check_ddp_single_rank(ctx)), ("two_devices", lambda: check_two_devices(ctx)),
             ("physics", lambda: check_physics(ctx))]
 
@@ -345,6 +350,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
     env = environment(device)
     out_dir = Path(args.out) if args.out else Path("results") / f"{'gpu' if device.type == 'cuda' else 'cpu'}-" \
                                                                  f"{machine_slug(env)}"
+    check_out_dir(out_dir)  # before minutes of checks: a folder that cannot be written fails now
     print(f"selfcheck on {env['device_name']} -> {out_dir}")
     started = time.perf_counter()
     results = run_checks(Context(device, out_dir))

@@ -45,6 +45,7 @@ from bench.config.slurm import (
     parse_settings,
 )
 from bench.config.train_config import TrainConfig
+from bench.store.files import make_folder, read_optional_json
 from bench.store.results import (
     CSV_FILE,
     ROWS_FILE,
@@ -59,6 +60,8 @@ from bench.store.results import (
     write_atomic,
     write_csv,
 )
+
+MAX_RUN_FILE_BYTES = 16 << 20  # one row: its curve and step times are the bulk
 
 RUNS_DIR = "runs"
 CLUSTER_DIR = "cluster"
@@ -262,10 +265,11 @@ def run_file(out_dir: Path, cell_id: str, seed: int) -> Path:
 
 
 def read_run_file(path: Path) -> Optional[Row]:
-    """The row in a run file, or None when there is none or it is not a usable row."""
-    with contextlib.suppress(FileNotFoundError, ValueError, UnicodeDecodeError, RecursionError):
-        row = json.loads(Path(path).read_bytes().decode("utf-8"))
-        if row_problem(row) is None:
+    """The row in a run file, or None when there is none or it is not a usable row (the store's
+    reader: a FIFO or a device is never opened, the size is bounded, NaN is refused)."""
+    with contextlib.suppress(StoreError):
+        row = read_optional_json(path, "run file", MAX_RUN_FILE_BYTES)
+        if row is not None and row_problem(row) is None:
             return row
     return None
 
@@ -309,14 +313,16 @@ def collect(out_dir: Path) -> list[Row]:
 
 def read_jobs(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / CLUSTER_DIR / JOBS_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    record = read_optional_json(path, "job record")
+    if record is None:
         return {"executor": None, "folder": None, "runs": {}}
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{path}: not a readable job record ({shorten(str(err), 80)})") from None
     if not isinstance(record, dict) or not isinstance(record.get("runs"), dict):
         raise StoreError(f"{path}: not a job record (no 'runs' mapping)")
+    if record.get("executor") not in (None, "slurm", "local") or not isinstance(record.get("folder"), (str, type(None))):
+        raise StoreError(f"{path}: 'executor' is not slurm or local, or 'folder' is not a path")
+    for key, job in record["runs"].items():
+        if not (isinstance(job, dict) and isinstance(job.get("job_id"), str) and isinstance(job.get("submitted_at"), str)):
+            raise StoreError(f"{path}: runs.{shorten(key, 40)[1:-1]}: expected {{job_id: string, submitted_at: string}}")
     return record
 
 
@@ -329,4 +335,5 @@ def record_jobs(out_dir: Path, kind: str, folder: Path, jobs: dict[str, str]) ->
     stamp, now = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
     record["runs"].update({key: {"job_id": job_id, "submitted_at": stamp, "submitted_s": now}
                            for key, job_id in jobs.items()})
-    write_atomic(Path(out_dir) / CLUSTER_DIR / JOBS_FILE, json.dumps(record, indent=1))
+    make_folder(Path(out_dir) / CLUSTER_DIR, root=Path(out_dir))
+    write_atomic(Path(out_dir) / CLUSTER_DIR / JOBS_FILE, json.dumps(record, indent=1), root=Path(out_dir))

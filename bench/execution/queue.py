@@ -9,7 +9,6 @@ queue): the next ``trickbench run`` resubmits it. A queue that cannot be read ma
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from bench.execution import cluster
-from bench.store.results import MATRIX_FILE, ROWS_FILE, latest_runs, read_rows
+from bench.store.files import StoreError
+from bench.store.results import MATRIX_FILE, ROWS_FILE, latest_runs, read_matrix_record, read_rows
 
 LOST_GRACE_S = 30.0  # a run neither finished nor in the queue for this long is lost
 SQUEUE_TIMEOUT_S = 60
@@ -97,7 +97,9 @@ def run_states(out_dir: Path, gone_since: Optional[dict[tuple[str, int], float]]
     counted from there too)."""
     out_dir = Path(out_dir)
     record = cluster.read_jobs(out_dir)
-    matrix = json.loads((out_dir / MATRIX_FILE).read_text(encoding="utf-8"))
+    matrix = read_matrix_record(out_dir)  # the store's reader: file type, size, schema and finiteness checked
+    if matrix is None:
+        raise StoreError(f"{out_dir}: no {MATRIX_FILE} (not an output folder of `trickbench run`)")
     latest = latest_runs(read_rows(out_dir / ROWS_FILE, warn=False))
     runs = [(cell["cell_id"], seed) for seed in matrix["seeds"] for cell in matrix["cells"]]
     rows = {key: cluster.read_run_file(cluster.run_file(out_dir, *key)) or latest.get(key) for key in runs}

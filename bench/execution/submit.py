@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from bench.execution.runner import (
     termination_as_exception,
 )
 from bench.execution.task import RunTask
+from bench.store.files import refuse_linked_folders
 from bench.store.results import (
     CSV_FILE,
     MATRIX_FILE,
@@ -168,6 +170,13 @@ def _print_finished(out_dir: Path, cell: Cell, seed: int, job: Any, finished: in
     print(f"[{finished:>3}/{total}] {cell.label()} seed={seed}: {detail}", flush=True)
 
 
+def check_cluster_folders(out_dir: Path) -> None:
+    """Refuse (StoreError) a linked ``runs/`` or ``cluster/`` in the output folder, before anything
+    is written: per-run files and job ids are never written through a link."""
+    for name in (cluster.RUNS_DIR, cluster.CLUSTER_DIR):
+        refuse_linked_folders(out_dir / name / "x", out_dir)
+
+
 def run_matrix_on_cluster(matrix: Matrix, out_dir: Path, kind: str, settings: ClusterSettings,
                           fresh: bool = False, retry_failed: bool = False, wait: bool = False,
                           timeout_s: float | None = None) -> MatrixOutcome | None:
@@ -217,7 +226,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     out_dir = Path(args.dir)
-    if not (out_dir / MATRIX_FILE).is_file():
+    if not os.path.lexists(out_dir / MATRIX_FILE):
         raise StoreError(f"{args.dir}: no {MATRIX_FILE}; not an output folder of `trickbench run`")
     states = queue.run_states(out_dir)
     counts = Counter(s.state for s in states)

@@ -30,7 +30,8 @@ from bench.config.train_config import TrainConfig
 from bench.execution.children import Job, signal_group, worker_command, write_job
 from bench.execution.cluster import CLUSTER_DIR, WORK, read_run_file, run_file
 from bench.parts.distributed import threads_per_rank
-from bench.store.results import Row, write_atomic
+from bench.store.files import make_folder, refuse_linked_folders, write_atomic
+from bench.store.results import Row
 from bench.training.worker import SCHEDULER_SIGNALS, STOPPED_EXIT
 
 try:  # submitit is needed to submit; without it the rest of this module still imports
@@ -94,8 +95,8 @@ class RunTask(Checkpointable):
             row["requeued"] = attempt  # attempts stopped by the scheduler before this one
         if self.shared_timing:
             row["shared_timing"] = True
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, json.dumps(row, default=str))  # a reader sees the whole row or none
+        make_folder(target.parent, root=Path(self.out_dir))  # never through a linked runs/
+        write_atomic(target, json.dumps(row, default=str), root=Path(self.out_dir))  # whole row or none
         return row
 
     def _work_folder(self, job_id: str, attempt: int) -> Path:
@@ -106,6 +107,7 @@ class RunTask(Checkpointable):
         for old in root.glob(f"{stem}.*"):
             shutil.rmtree(old, ignore_errors=True)
         work = root / f"{stem}.{attempt}"
+        refuse_linked_folders(work / "job.json", Path(self.out_dir))  # never write through a linked cluster/
         work.mkdir(parents=True)
         return work
 

@@ -85,16 +85,20 @@ def build_model(name: str, num_classes: int, image_size: int | None = None) -> n
 
 
 @functools.lru_cache(maxsize=256)
-def meta_forward_problem(model_name: str, num_classes: int, shape: tuple[int, int, int], batch: int) -> str | None:
+def meta_forward_problem(model_name: str, num_classes: int, shape: tuple[int, int, int], batch: int,
+                         built_for: int | None = None) -> str | None:
     """Why a training-mode forward of the model on this input fails (None when it works).
 
+    ``built_for``: the image side the model is built for when it differs from the input's (a run
+    builds its model once, for the configured size, then progressive resizing feeds it smaller
+    images; a model with a fixed input size, such as ViT's position embeddings, refuses them).
     On the meta device only shapes are computed. An op the meta device does not implement is
     not the model's fault, so it passes (the run itself will tell).
     """
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constructors' FutureWarnings would add lines to a refusal
-            model = build_model(model_name, num_classes, image_size=shape[-1]).train()
+            model = build_model(model_name, num_classes, image_size=built_for or shape[-1]).train()
             output = model(torch.empty(batch, *shape))
     except NotImplementedError:
         return None

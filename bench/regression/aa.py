@@ -24,15 +24,20 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from bench.config.matrix import Matrix
 from bench.execution.children import run_in_child
 from bench.execution.runner import exclusive
 from bench.reports.stats import Row, clean, compare_runs, ran_under_load, run_step_ms
+from bench.store.paths import check_out_dir
 from bench.store.results import (
     MATRIX_FILE,
     ROWS_FILE,
+    StoreError,
     append_row,
     end_torn_row,
+    matrix_change,
     matrix_record,
+    read_matrix_record,
     read_rows,
     write_atomic,
 )
@@ -46,6 +51,7 @@ base: {model: tiny_cnn, dataset: digits, download: false, augment: none, image_s
        batch_size: 32, steps: 30, optimizer: {name: sgd, lr: 0.05}}
 axes: {precision: [fp32]}
 """
+DEFAULT_MATRIX_FILE = "aa_matrix.yaml"  # the default matrix, kept beside the rows it made
 
 
 # --- the former method, kept only to be compared against --------------------------------------------
@@ -181,16 +187,45 @@ def format_result(result: dict[str, Any]) -> str:
 
 # --- running ----------------------------------------------------------------------------------------
 
-def run_aa(matrix_path: Path, profile: str | None, out_dir: Path, runs: int) -> list[Row]:
+def load_aa_matrix(matrix_path: str | None, profile: str | None, out_dir: Path) -> Matrix:
+    """The matrix whose baseline cell is run: the user's, or the default one (validated from a
+    temporary copy, so nothing is written before every check has passed)."""
+    if matrix_path:
+        return load_runnable_matrix(matrix_path, profile=profile)
+    with tempfile.TemporaryDirectory(prefix="trickbench-aa-") as folder:
+        draft = Path(folder) / DEFAULT_MATRIX_FILE
+        draft.write_text(DEFAULT_MATRIX)
+        matrix = load_runnable_matrix(draft, profile=profile)
+    return dataclasses.replace(matrix, file=str(out_dir / DEFAULT_MATRIX_FILE))
+
+
+def aa_record(matrix: Matrix, out_dir: Path, runs: int) -> dict[str, Any]:
+    """The matrix.json of an A/A folder: one cell, seeds 0..runs-1 and any recorded before (a rerun
+    with fewer --runs analyses fewer, it does not forget rows). StoreError when the folder holds
+    another matrix's results, which the A/A rows must not join (nor replace their matrix.json)."""
+    cell = matrix.cells[0]
+    recorded = read_matrix_record(out_dir)
+    seeds = sorted({*range(runs), *(recorded["seeds"] if recorded else ())})
+    current = matrix_record(dataclasses.replace(matrix, seeds=tuple(seeds), cells=(cell,)))
+    where = f"--out {out_dir}: holds the results of another matrix"
+    if recorded is not None and (change := matrix_change(recorded, current)):
+        raise StoreError(f"{where} ({change}; recorded in {MATRIX_FILE}); choose another --out for the A/A runs")
+    stray = {r["cell_id"] for r in read_rows(out_dir / ROWS_FILE, warn=False)} - {cell.cell_id}
+    if stray:
+        raise StoreError(f"{where} ({len(stray)} other cells in {ROWS_FILE}); choose another --out for the A/A runs")
+    return current
+
+
+def run_aa(matrix: Matrix, out_dir: Path, runs: int) -> list[Row]:
     """Run the matrix's baseline cell with seeds 0..runs−1, each in its own process; resumable."""
 
-    matrix = load_runnable_matrix(matrix_path, profile=profile)
     cell = matrix.cells[0]
     rows_path = out_dir / ROWS_FILE
     with exclusive(out_dir), tempfile.TemporaryDirectory(prefix="trickbench-aa-") as work:
         # One cell, one seed per run: recorded so that `report`/`index` read the folder like any other.
-        aa_matrix = dataclasses.replace(matrix, seeds=tuple(range(runs)), cells=(cell,))
-        write_atomic(out_dir / MATRIX_FILE, json.dumps(matrix_record(aa_matrix), indent=1))
+        write_atomic(out_dir / MATRIX_FILE, json.dumps(aa_record(matrix, out_dir, runs), indent=1))
+        if Path(matrix.file) == out_dir / DEFAULT_MATRIX_FILE:
+            write_atomic(out_dir / DEFAULT_MATRIX_FILE, DEFAULT_MATRIX)  # what ran, beside its rows
         end_torn_row(rows_path)
         done = {r["seed"] for r in read_rows(rows_path) if r["cell_id"] == cell.cell_id}
         for seed in (s for s in range(runs) if s not in done):
@@ -208,17 +243,14 @@ def cmd_aa(args: argparse.Namespace) -> int:
               "one comparison", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
-    matrix_path = Path(args.matrix) if args.matrix else out_dir / "aa_matrix.yaml"
-    if not args.matrix:  # a user's matrix is validated before anything is written
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(matrix_path, DEFAULT_MATRIX)
-    rows = run_aa(matrix_path, args.profile, out_dir, args.runs)
+    check_out_dir(out_dir)
+    matrix = load_aa_matrix(args.matrix, args.profile, out_dir)
+    aa_record(matrix, out_dir, args.runs)  # another matrix's folder is refused before anything is written
+    rows = run_aa(matrix, out_dir, args.runs)
     result = analyse(rows, args.per_group, args.splits)
-    result.update(matrix=str(matrix_path), profile=args.profile, runs_requested=args.runs)
+    result.update(matrix=matrix.file, profile=args.profile, runs_requested=args.runs)
     write_atomic(out_dir / "aa.json", json.dumps(result, indent=2))
     text = format_result(result)
     write_atomic(out_dir / "aa.md", text)
     print(text, end="")
     return 0
-
-

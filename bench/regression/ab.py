@@ -36,6 +36,8 @@ from bench.execution.runner import termination_as_exception
 from bench.regression.cells import BadInput
 from bench.regression.compare import Policy, compare_cells
 from bench.regression.sides import cells_from_rows
+from bench.store.files import make_folder
+from bench.store.paths import check_out_dir
 from bench.store.results import append_row
 
 TREE = Path(__file__).resolve().parents[2]  # the tree this code runs from: the "new" side
@@ -162,7 +164,7 @@ def run_ab(rev: str, matrix: Path, profile: str | None, runs_per_side: int | Non
         seeds = list(range(runs_per_side)) if runs_per_side else new["seeds"]
         out = out or Path(tempfile.mkdtemp(prefix="trickbench-ab-"))
         for side in ("base", "new"):
-            (out / side).mkdir(parents=True, exist_ok=True)
+            make_folder(out / side, root=out)  # never append rows through a linked base/ or new/
         rows: dict[str, list] = {"base": [], "new": []}
         order = schedule(pairs, seeds)
         for index, (side, (b, n), seed) in enumerate(order, 1):
@@ -184,6 +186,8 @@ def cmd_against(args: argparse.Namespace, policy: Policy) -> tuple[list, str, st
     if matrix.suffix not in (".yaml", ".yml") or not matrix.is_file():
         raise BadInput(f"{matrix}: expected a matrix YAML file with --against")
     out = Path(args.out) if args.out else None
+    if out:
+        check_out_dir(out)
     if out and any((out / side / "cells.jsonl").exists() for side in ("base", "new")):
         raise BadInput(f"--out {out}: already holds A/B rows (base/ or new/cells.jsonl); choose an empty folder")
     base_rows, new_rows, commit, out = run_ab(args.against, matrix.resolve(), args.profile, args.runs_per_side, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shlex
 import sys
@@ -19,11 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.base.errors import MAX_ERROR_CHARS, clip
 from bench.config.matrix import load_matrix
-from bench.execution.runner import Terminated, run_matrix
+from bench.execution.runner import run_matrix
 from bench.regression import pytest_bench
 from bench.regression.ab import cmd_against
-from bench.regression.cells import BASELINE_FORMAT, BadInput, CellRecord
+from bench.regression.cells import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, BadInput, CellRecord
 from bench.regression.compare import (
     CELL,
     IMPROVED,
@@ -40,11 +42,11 @@ from bench.regression.compare import (
     to_markdown,
 )
 from bench.regression.instructions import METRIC, measure_cells
-from bench.regression.sides import load_side
-from bench.store.results import write_atomic
+from bench.regression.sides import cells_from_baseline, load_side, read_baseline
+from bench.store.files import StoreError, open_for_writing, write_atomic
+from bench.store.paths import check_out_dir, check_out_file, check_out_files
 from bench.training.feasibility import load_runnable_matrix
 
-FORMAT_VERSION = 1
 MOVED = (REGRESSED, IMPROVED, NEW, MISSING)  # verdicts that make `baseline update` rewrite a value
 
 
@@ -73,7 +75,7 @@ def baseline_entry(cell: CellRecord) -> dict[str, Any]:
 
 
 def baseline_document(cells: dict[str, CellRecord], matrix: str, command: str) -> dict[str, Any]:
-    return {"format": BASELINE_FORMAT, "format_version": FORMAT_VERSION, "matrix": matrix,
+    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, "matrix": matrix,
             "recorded_by": command, "cells": {cid: baseline_entry(c) for cid, c in cells.items()}}
 
 
@@ -124,6 +126,8 @@ def run_into(matrix_path: str, profile: str | None, out: str | None) -> Path:
     """Run the matrix from scratch into ``out`` (default: a new temporary folder, kept)."""
 
     matrix = load_runnable_matrix(matrix_path, profile=profile)  # bad input stops us before any run
+    if out:
+        check_out_dir(Path(out))
     out_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"trickbench-{matrix.name}-"))
     print(f"{matrix.name}: {len(matrix.cells)} cells x {len(matrix.seeds)} seeds -> {out_dir}", flush=True)
     run_matrix(matrix, out_dir, fresh=True)  # a check measures this tree: no resumed rows
@@ -168,47 +172,42 @@ def one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[a
         try:
             return command(args)
         except BadInput as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {clip(str(err), MAX_ERROR_CHARS)}", file=sys.stderr)
             return 2
     return wrapped
 
 
-def _check_writable(*paths: str | None) -> None:
-    for path in paths:
-        if path and not Path(path).resolve().parent.is_dir():
-            raise BadInput(f"{path}: its folder does not exist")
-
-
 def _policy(args: argparse.Namespace) -> Policy:
-    if args.factor <= 1:
+    if not 1 < args.factor < math.inf:  # the argument type refuses it first; a direct call lands here
         raise BadInput(f"--factor: {args.factor:g} must be above 1 (e.g. 1.10)")
     return Policy(factor=args.factor, strict=args.strict)
 
 
 def emit(verdicts: list, base_name: str, new_name: str, args: argparse.Namespace) -> int:
-    """Markdown on stdout (and in the GitHub job summary when there is one), files on request."""
+    """Markdown on stdout (and in the GitHub job summary when there is one), files on request:
+    each written whole or not at all (their paths were checked before any work started)."""
     markdown = to_markdown(verdicts, base_name, new_name)
     print(markdown)
     if args.markdown:
-        Path(args.markdown).write_text(markdown, encoding="utf-8")
+        write_atomic(Path(args.markdown), markdown)
     if args.json:
-        Path(args.json).write_text(to_json(verdicts, base_name, new_name) + "\n", encoding="utf-8")
+        write_atomic(Path(args.json), to_json(verdicts, base_name, new_name) + "\n")
     if summary := os.environ.get("GITHUB_STEP_SUMMARY"):
-        with open(summary, "a", encoding="utf-8") as f:
-            f.write(markdown + "\n")
+        try:  # CI's page, not a result: a summary that cannot be written warns, the verdict stands
+            fd = open_for_writing(Path(summary), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(markdown + "\n")
+        except StoreError as err:
+            print(f"warning: GITHUB_STEP_SUMMARY: {err}; job summary not written", file=sys.stderr)
     return exit_code(verdicts)
 
 
 @one_line_errors
 def cmd_compare(args: argparse.Namespace) -> int:
-    _check_writable(args.markdown, args.json)
+    check_out_files(markdown=args.markdown, json=args.json)
     policy = _policy(args)
     if args.against:
-        try:
-            return emit(*cmd_against(args, policy), args)
-        except Terminated as stopped:
-            print(f"stopped by {stopped}; the temporary worktree was removed", file=sys.stderr)
-            return 128 + stopped.signum
+        return emit(*cmd_against(args, policy), args)  # SIGTERM: the CLI's one handler (bench.cli.main)
     if args.new is None:
         raise BadInput("compare needs BASE and NEW (or --against REV MATRIX)")
     if args.profile or args.out or args.runs_per_side:
@@ -232,25 +231,28 @@ def _check_pytest_benchmark_sides(base: dict[str, CellRecord], new: dict[str, Ce
               file=sys.stderr)
 
 
-def _recorded_by(path: str) -> str:
-    if Path(path).suffix == ".json":
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("recorded_by", "trickbench baseline record")
-    return "trickbench baseline record MATRIX -o FILE"
+def _refuse_pytest_benchmark(cells: dict[str, CellRecord], source: str, what: str) -> None:
+    if pytest_bench.is_kind(cells):
+        raise BadInput(f"{source}: pytest-benchmark results cannot be {what}: a trickbench baseline holds "
+                       "trickbench rows (compare pytest-benchmark files with `trickbench compare A B`)")
 
 
 @one_line_errors
 def cmd_check(args: argparse.Namespace) -> int:
-    _check_writable(args.markdown, args.json)
+    check_out_files(markdown=args.markdown, json=args.json)
     policy = _policy(args)
     base = load_side(args.baseline)  # a missing or broken baseline stops us before any run
+    _refuse_pytest_benchmark(base, args.baseline, "the baseline of a check")
     if not args.instructions:
         base = without_instructions(base)
+    recorded_by = (read_baseline(args.baseline).get("recorded_by", "trickbench baseline record")
+                   if Path(args.baseline).suffix == ".json" else "trickbench baseline record MATRIX -o FILE")
     new, new_name = load_source(args.matrix, args.profile, args.out, instruction_repeats(args))
     verdicts = compare_cells(base, new, policy)
     code = emit(verdicts, args.baseline, new_name, args)
     if reason := stale_reason(verdicts):
         print(f"error: {args.baseline}: no exact counter is comparable ({reason}); "
-              f"re-record the baseline: {_recorded_by(args.baseline)}", file=sys.stderr)
+              f"re-record the baseline: {recorded_by}", file=sys.stderr)
         return 2
     if code:
         print(f"to accept these numbers: trickbench baseline update {args.baseline} {new_name}", file=sys.stderr)
@@ -259,7 +261,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 @one_line_errors
 def cmd_record(args: argparse.Namespace) -> int:
-    _check_writable(args.output)
+    check_out_file(args.output, "--output")
     if Path(args.matrix).suffix not in (".yaml", ".yml"):
         raise BadInput(f"{args.matrix}: expected a matrix YAML file")
     cells, source = load_source(args.matrix, args.profile, args.out, instruction_repeats(args))
@@ -278,17 +280,39 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_fewer_seeds(document: dict[str, Any], seeds: dict[str, set[str]], path: Path, source: str) -> None:
+    """``baseline update`` refuses new results that lack a seed the baseline holds for a cell:
+    rewriting from fewer seeds would silently drop the others' values (a cell missing from the
+    new results is kept whole, as before). ``seeds``: cell_id → the seeds the new side ran (ok)."""
+    for cell_id, entry in document["cells"].items():
+        if cell_id not in seeds:
+            continue
+        lost = [str(s) for s in entry["seeds"] if str(s) not in seeds[cell_id]]
+        if lost:
+            raise BadInput(f"{clip(source, 80)}: cell {clip(cell_id, 40)} has no successful run of seeds "
+                           f"{', '.join(lost[:5])}, which the baseline holds; updating from fewer seeds would drop "
+                           "them (refused: the baseline is unchanged)")
+
+
 @one_line_errors
 def cmd_update(args: argparse.Namespace) -> int:
     policy = _policy(args)
     path = Path(args.baseline)
-    base = load_side(path)
     if path.suffix != ".json":
         raise BadInput(f"{path}: expected a baseline .json file")
+    document = read_baseline(path)  # refuses pytest-benchmark JSON: not a trickbench baseline
+    check_out_file(path, "baseline FILE")  # rewritten in place at the end
+    base = cells_from_baseline(document, str(path))
     if not args.instructions:
         base = without_instructions(base)
-    document = json.loads(path.read_text(encoding="utf-8"))
+    if Path(args.source).suffix in (".yaml", ".yml"):  # before running it: would its seeds cover the baseline's?
+        matrix = load_runnable_matrix(args.source, profile=args.profile)
+        refuse_fewer_seeds(document, {c.cell_id: {str(s) for s in matrix.seeds} for c in matrix.cells}, path,
+                           args.source)
     new, source = load_source(args.source, args.profile, args.out, instruction_repeats(args))
+    _refuse_pytest_benchmark(new, args.source, "merged into a trickbench baseline")
+    refuse_fewer_seeds(document, {cid: {s for v in c.values.values() for s in v} for cid, c in new.items()},
+                       path, args.source)
     document, changes = updated_document(document, base, new, policy)
     for line in changes:
         print(f"  {line}")
@@ -297,5 +321,3 @@ def cmd_update(args: argparse.Namespace) -> int:
     print(f"{len(changes)} entries rewritten in {path} (from {source})" if changes
           else f"{path}: nothing moved beyond its margin; unchanged")
     return 0
-
-

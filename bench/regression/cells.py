@@ -56,6 +56,7 @@ def common_value(values: Iterable[Any]) -> Any:
 
 
 BASELINE_FORMAT = "trickbench-baseline"
+BASELINE_FORMAT_VERSION = 1  # the baseline file's schema; another version is refused, never half-read
 
 
 @dataclass(frozen=True)

@@ -282,14 +282,25 @@ def counts(verdicts: list[Verdict]) -> dict[str, int]:
     return out
 
 
+def md_cell(text: object) -> str:
+    """``text`` safe inside one cell of a markdown table: a ``|`` (e.g. in a pytest-benchmark
+    name) would end the cell and shift every later column, a newline would end the row."""
+    return " ".join(str(text).split("\n")).replace("\r", " ").replace("|", "\\|")
+
+
+def md_code(text: str) -> str:
+    """``text`` as inline code inside a table cell, even when it holds backticks."""
+    fence = "``" if "`" in text else "`"
+    return f"{fence}{' ' if fence == '``' else ''}{md_cell(text)}{' ' if fence == '``' else ''}{fence}"
+
+
 def _table(verdicts: list[Verdict]) -> list[str]:
     lines = ["| cell | metric | tier | base | new | change | verdict | note |",
              "| :--- | :--- | :--- | ---: | ---: | ---: | :--- | :--- |"]
     for v in verdicts:
         verdict = f"**{v.verdict}** ✗" if v.fails else v.verdict
-        note = v.note.replace("|", "\\|")
-        lines.append(f"| {v.label} `{v.cell_id}` | {v.metric} | {v.tier} | {v.base} | {v.new} | {v.change} "
-                     f"| {verdict} | {note} |")
+        lines.append(f"| {md_cell(v.label)} {md_code(v.cell_id)} | " + " | ".join(
+            md_cell(x) for x in (v.metric, v.tier, v.base, v.new, v.change, verdict, v.note)) + " |")
     return lines
 
 

@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench.base.errors import MAX_ERROR_CHARS, clip
 from bench.regression.aa import disjoint_splits, jackknife_se, random_splits, rate
 from bench.regression.cells import BadInput
 from bench.regression.compare import IMPROVED, METRICS, REGRESSED, Policy, judge_timing
 from bench.reports.stats import Row
+from bench.store.files import write_atomic
+from bench.store.paths import check_out_files
 from bench.store.results import ROWS_FILE, read_rows
 
 TIMING = {m.name: m for m in METRICS if m.tier == "timing"}
@@ -143,28 +148,25 @@ def format_power(result: dict[str, Any]) -> str:
 
 
 def cmd_power(args: argparse.Namespace) -> int:
+    check_out_files(json=args.json)  # before any work: a late write failure must not turn the result into exit 2
     path = Path(args.results)
     path = path / ROWS_FILE if path.is_dir() else path
     try:
-        if args.json and not Path(args.json).resolve().parent.is_dir():
-            raise BadInput(f"--json {args.json}: its folder does not exist")
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise BadInput(f"{path}: no such file (expected an A/A results folder, e.g. results/aa)")
-        if args.factor <= 1:
+        if not 1 < args.factor < math.inf:
             raise BadInput(f"--factor: {args.factor:g} must be above 1 (e.g. 1.10)")
-        rows = read_rows(path)
-        if not all(s > 0 for s in args.slowdowns):
+        if not all(0 < s < math.inf for s in args.slowdowns):
             raise BadInput(f"--slowdowns: {args.slowdowns} must all be above 0 (0.1 = 10% slower)")
+        rows = read_rows(path)  # refuses a FIFO, a device or a folder
         result = timing_power(rows, args.per_group, args.slowdowns, args.splits, Policy(factor=args.factor))
         if result.get("runs", 0) < 2 * min(args.per_group):
             raise BadInput(f"{path}: {result.get('runs', 0)} ok runs; needs at least {2 * min(args.per_group)}")
     except BadInput as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {clip(str(err), MAX_ERROR_CHARS)}", file=sys.stderr)
         return 2
     text = format_power(result)
     print(text, end="")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_atomic(Path(args.json), json.dumps(result, indent=1) + "\n")
     return 0
-
-

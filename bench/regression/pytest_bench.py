@@ -16,12 +16,13 @@ hostname (``node``) is ignored, as for trickbench rows: CI runners are ephemeral
 """
 from __future__ import annotations
 
-import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from bench.regression.cells import ENV_KEYS, MIXED, BadInput, CellRecord, common_value
+from bench.store.files import read_json
 
 KIND = "pytest-benchmark"  # the schema_version of its cells: never comparable with trickbench rows
 METRIC = "benchmark_median_s"
@@ -56,12 +57,17 @@ def run_medians(data: dict[str, Any], source: str) -> dict[str, tuple[str, float
         name = bench.get("fullname") or bench.get("name")
         stats = bench["stats"]
         median = stats.get("median")
-        if median is None and isinstance(stats.get("data"), list) and stats["data"]:
-            median = statistics.median(stats["data"])
-        if not isinstance(name, str) or not isinstance(median, (int, float)) or not median > 0:
+        data = stats.get("data")
+        if median is None and isinstance(data, list) and data and all(_positive(v) for v in data):
+            median = statistics.median(data)
+        if not isinstance(name, str) or not _positive(median):
             raise BadInput(f"{where}: needs 'fullname' and a positive stats.median (got {name!r}, {median!r})")
         medians[name] = (str(bench.get("name") or name), float(median))
     return medians
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def cells_from_runs(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, CellRecord]:
@@ -79,18 +85,11 @@ def cells_from_runs(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, CellRec
     return cells
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInput(f"{path}: not valid JSON ({err})") from None
-
-
 def load_folder(folder: Path) -> dict[str, CellRecord] | None:
     """The runs of a folder of pytest-benchmark JSON files (searched recursively, as
     ``.benchmarks/`` nests them by machine); None when it holds none."""
     files = sorted(folder.rglob("*.json"))
-    runs = [(str(p), data) for p in files if is_pytest_benchmark(data := read_json(p))]
+    runs = [(str(p), data) for p in files if is_pytest_benchmark(data := read_json(p, "pytest-benchmark JSON file"))]
     return cells_from_runs(runs) if runs else None
 
 

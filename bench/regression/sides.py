@@ -8,10 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench.base.errors import clip
 from bench.execution import machine
 from bench.regression import pytest_bench
 from bench.regression.cells import (
     BASELINE_FORMAT,
+    BASELINE_FORMAT_VERSION,
     ENV_KEYS,
     METRICS,
     BadInput,
@@ -20,6 +22,7 @@ from bench.regression.cells import (
     lookup,
 )
 from bench.reports.stats import cell_label, ran_under_load  # the report's rules, shared
+from bench.store.files import read_json
 from bench.store.results import ROWS_FILE, read_rows
 
 
@@ -61,25 +64,70 @@ def cells_from_rows(rows: Iterable[Any], source: str = "<rows>") -> dict[str, Ce
     return cells
 
 
-def cells_from_baseline(data: dict[str, Any], source: str) -> dict[str, CellRecord]:
-    """A baseline file's cells; a scalar value stands for every recorded seed."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """Why one cell of a baseline file is malformed ("key: what is wrong"), or None."""
+    if not isinstance(entry, dict):
+        return f": expected a mapping with seeds, metrics and env, got {type(entry).__name__}"
+    seeds = entry.get("seeds")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, (int, str)) and not isinstance(s, bool)
+                                                     for s in seeds) and len(set(map(str, seeds))) == len(seeds)):
+        return ".seeds: expected a non-empty list of distinct seeds"
+    for key, kind in (("metrics", dict), ("env", dict), ("axes", dict), ("spreads", dict), ("label", str),
+                      ("failed", list)):
+        if key in entry and not isinstance(entry[key], kind) or key in ("metrics", "env") and key not in entry:
+            return f".{key}: missing or not a {'mapping' if kind is dict else kind.__name__}"
+    judged = {m.name for m in METRICS}
+    for name, value in entry["metrics"].items():
+        if name not in judged:
+            return f".metrics.{clip(name, 40)}: not a metric trickbench judges (e.g. {', '.join(sorted(judged)[:3])})"
+        per_seed = value if isinstance(value, dict) else {"": value}
+        if not per_seed or not all(_finite(v) for v in per_seed.values()):
+            return f".metrics.{name}: expected a finite number or a mapping of seed to finite number"
+        if isinstance(value, dict) and set(value) - set(map(str, seeds)):
+            return f".metrics.{name}: values of seeds {sorted(set(value) - set(map(str, seeds)))[:3]} not in its seeds"
+    for name, value in entry.get("spreads", {}).items():
+        if name not in entry["metrics"] or not _finite(value) or value < 0:
+            return f".spreads.{clip(name, 40)}: expected a finite spread >= 0 of one of its metrics"
+    if not all(isinstance(note, str) for note in entry.get("failed", [])):
+        return ".failed: expected a list of strings"
+    return None
+
+
+def cells_from_baseline(data: Any, source: str) -> dict[str, CellRecord]:
+    """A baseline file's cells, its schema checked whole first; a scalar value stands for every recorded seed."""
     if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
         raise BadInput(f"{source}: format: not a trickbench baseline (expected '{BASELINE_FORMAT}')")
-    if not isinstance(data.get("cells"), dict):
-        raise BadInput(f"{source}: cells: missing or not a mapping of cell_id to entries")
+    version = data.get("format_version")
+    if isinstance(version, bool) or version != BASELINE_FORMAT_VERSION:
+        raise BadInput(f"{source}: format_version: {clip(repr(version), 40)} is not a version this trickbench "
+                       f"reads ({BASELINE_FORMAT_VERSION}); record the baseline again with it")
+    if not isinstance(data.get("cells"), dict) or not data["cells"]:
+        raise BadInput(f"{source}: cells: missing, empty or not a mapping of cell_id to entries")
+    for key in ("matrix", "recorded_by"):
+        if key in data and not isinstance(data[key], str):
+            raise BadInput(f"{source}: {key}: expected a string")
     cells = {}
     for cell_id, entry in data["cells"].items():
-        try:
-            seeds = [str(s) for s in entry["seeds"]]
-            values = {name: dict(v) if isinstance(v, dict) else {s: v for s in seeds}
-                      for name, v in entry["metrics"].items()}
-            cells[cell_id] = CellRecord(cell_id, entry.get("label", cell_id), entry.get("axes", {}),
-                                        entry.get("env", {}), values, failed=list(entry.get("failed", [])),
-                                        spreads={k: float(v) for k, v in entry.get("spreads", {}).items()})
-        except (KeyError, TypeError, AttributeError) as err:
-            raise BadInput(f"{source}: cells.{cell_id}: malformed entry ({type(err).__name__}: {err}); "
-                           "needs seeds, metrics, env") from None
+        if problem := _entry_problem(entry):
+            raise BadInput(f"{source}: cells.{clip(cell_id, 40)}{problem}")
+        seeds = [str(s) for s in entry["seeds"]]
+        values = {name: dict(v) if isinstance(v, dict) else {s: v for s in seeds}
+                  for name, v in entry["metrics"].items()}
+        cells[cell_id] = CellRecord(cell_id, entry.get("label", cell_id), entry.get("axes", {}), entry["env"],
+                                    values, failed=list(entry.get("failed", [])),
+                                    spreads={k: float(v) for k, v in entry.get("spreads", {}).items()})
     return cells
+
+
+def read_baseline(path: str | Path) -> dict[str, Any]:
+    """A baseline file's JSON, read and checked whole (cells_from_baseline's schema)."""
+    data = read_json(path, "trickbench baseline file")
+    cells_from_baseline(data, str(path))
+    return data
 
 
 def load_side(path: str | Path) -> dict[str, CellRecord]:
@@ -96,7 +144,7 @@ def load_side(path: str | Path) -> dict[str, CellRecord]:
             raise BadInput(f"{path}: no {ROWS_FILE} and no pytest-benchmark JSON here (not a results folder)")
         path = path / ROWS_FILE
     if path.suffix == ".json":
-        data = pytest_bench.read_json(path)
+        data = read_json(path, "baseline or pytest-benchmark JSON file")
         if pytest_bench.is_pytest_benchmark(data):
             return pytest_bench.cells_from_runs([(str(path), data)])
         cells = cells_from_baseline(data, str(path))

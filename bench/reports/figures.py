@@ -1,6 +1,7 @@
 """Report figures: seaborn plots of per-cell statistics, saved as PNG (never shown)."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from bench.reports.stats import (
     mean_where,
     pareto_front,
 )
+from bench.store.files import write_atomic
 
 # --- figures -------------------------------------------------------------------------------------------
 
@@ -33,10 +35,13 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Write the PNG and always free the figure (pyplot keeps every open figure alive)."""
+    """Write the PNG whole or not at all (the store's writer), and always free the figure
+    (pyplot keeps every open figure alive)."""
     plt = _pyplot()
     try:
-        fig.savefig(path, dpi=DPI)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=DPI)
+        write_atomic(path, png.getvalue())
     finally:
         plt.close(fig)
 

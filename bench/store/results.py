@@ -11,10 +11,8 @@ fields) is skipped with a warning naming ``file:line``, never averaged into a re
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +20,14 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from bench.base.errors import clip
+from bench.store.files import (  # the one reader and writer (bench/store/files.py)
+    StoreError,
+    open_for_writing,
+    parse_json,
+    read_limited,
+    write_atomic,
+)
+from bench.store.files import refuse_link as refuse_link  # re-exported: the runner checks its files with it
 
 # The parts of a row's memory_breakdown (bench/training/memory.py): what each storage live at the peak is
 # counted as, every storage in exactly one. Reports and `compare` take the list from here.
@@ -56,12 +62,9 @@ WORK_DIR = ".work"  # job files and rows of runs in progress; cleared at the sta
 # Older rows stay readable; anything else is skipped.
 SCHEMA_VERSION = 3
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+MAX_ROWS_BYTES = 4 << 30  # cells.jsonl is read whole; a matrix of 100,000 runs with curves stays far below
 STATUSES = ("ok", "oom", "diverged", "error", "timeout")
 Row = dict[str, Any]
-
-
-class StoreError(Exception):
-    """The results folder cannot be used as it is (a link, not a regular file, unwritable): one line."""
 
 
 # --- the row ------------------------------------------------------------------------------------------
@@ -203,13 +206,11 @@ def print_warning(message: str) -> None:
 def read_rows(path: Path, warn: bool = True) -> list[Row]:
     """Every usable row of a ``cells.jsonl``, in file order; every other line is skipped with a
     warning naming ``file:line``: a torn last line (a kill mid-write), bytes that are not UTF-8,
-    JSON that is not a row. A missing file has no rows."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
+    JSON that is not a row. A missing file has no rows; a FIFO, a device or a folder is refused
+    (StoreError) before it is opened."""
+    if not os.path.lexists(path):
         return []
-    except OSError as err:
-        raise StoreError(f"{path}: cannot read: {err.strerror}") from None
+    data = read_limited(path, "results file (cells.jsonl)", MAX_ROWS_BYTES)
     rows = []
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, 1):
@@ -230,7 +231,7 @@ def _parse_line(raw: bytes, torn: bool) -> tuple[Optional[str], Any]:
         return "not UTF-8 text", None
     try:
         row = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer of too many digits
         return ("incomplete row (interrupted write)" if torn else "not valid JSON"), None
     return row_problem(row), row
 
@@ -240,61 +241,7 @@ def latest_runs(rows: Iterable[Row]) -> dict[tuple[str, int], Row]:
     return {(r["cell_id"], r["seed"]): r for r in rows}
 
 
-# --- writing without following links -------------------------------------------------------------------
-
-def open_for_writing(path: Path, flags: int) -> int:
-    """``os.open`` that refuses a symbolic link (O_NOFOLLOW) and anything but a regular file;
-    O_NONBLOCK so that a FIFO planted under the name cannot block the run."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        raise _store_error(path, err) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise StoreError(f"{path} is not a regular file; remove it")
-    return fd
-
-
-def _store_error(path: Path, err: OSError) -> StoreError:
-    try:
-        refuse_link(path)
-    except StoreError as refused:
-        return refused
-    return StoreError(f"{path}: cannot write: {err.strerror}")
-
-
-def refuse_link(path: Path) -> None:
-    """StoreError if ``path`` is a link or exists as something other than a regular file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
-        raise StoreError(f"{path} is a symbolic link; trickbench does not write through links: remove the link")
-    if not stat.S_ISREG(mode):
-        raise StoreError(f"{path} is not a regular file; remove it")
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Replace ``path`` whole (a reader sees the old file or the new one), through a temporary
-    name created exclusively, so a link planted at either name is never written through."""
-    path = Path(path)
-    refuse_link(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if os.path.lexists(tmp):
-        os.unlink(tmp)  # ours, left by a killed process of the same pid; unlink never follows
-    fd = open_for_writing(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
+# --- appending rows ------------------------------------------------------------------------------------
 
 def append_row(path: Path, row: Row) -> None:
     """Append one row and make it durable before returning: a kill after this loses nothing."""
@@ -350,12 +297,9 @@ def matrix_record(matrix: Any) -> dict[str, Any]:
 def read_matrix_record(out_dir: Path) -> Optional[dict[str, Any]]:
     """The recorded matrix of ``out_dir``; None when there is none; StoreError when it is unusable."""
     path = Path(out_dir) / MATRIX_FILE
-    try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise StoreError(f"{path}: not a readable matrix record ({clip(str(err), 80)})") from None
+    record = parse_json(read_limited(path, "matrix record"), path, "matrix record")
     problem = _matrix_record_problem(record)
     if problem:
         raise StoreError(f"{path}: {problem}")
@@ -365,8 +309,10 @@ def read_matrix_record(out_dir: Path) -> Optional[dict[str, Any]]:
 def _matrix_record_problem(record: Any) -> Optional[str]:
     if not isinstance(record, dict):
         return "not a JSON object"
-    if record.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-        return f"unknown schema_version {clip(repr(record.get('schema_version')), 40)}"
+    version = record.get("schema_version")
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        return f"unknown schema_version {clip(repr(version), 40)} (this trickbench reads {readable})"
     cells = record.get("cells")
     if not (isinstance(cells, list) and cells and all(
             isinstance(c, dict) and isinstance(c.get("cell_id"), str) and isinstance(c.get("axes"), dict)

@@ -51,6 +51,16 @@ def mix_batch(mixer: Mixer, batch: Batch) -> Batch:
     return inputs, targets.to(inputs.dtype if inputs.is_floating_point() else torch.float32)
 
 
+# The α torch can sample Beta(α, α) for. torch draws λ in float32 as G1 / (G1 + G2), G ~ Gamma(α):
+# for small α both Gamma draws underflow to 0 and torch returns λ = 0.5 (measured on torch 2.14,
+# 100,000 draws: 0.07% of λ at α = 0.005, 1.4% at 0.003, 99% at 1e-5), where the true Beta(α, α)
+# has almost all its mass at 0 and 1; below float32's smallest number (1.4e-45) α is 0 and every
+# run fails with a ValueError, and older torch returned NaN for 0/0, poisoning the loss. Above
+# float32's range (3.4e38) λ comes out 0 instead of 0.5. So α is refused outside [0.01, 1e6]: at
+# 0.01 no draw is the 0.5 artefact, and 1e6 already gives λ = 0.5 ± 0.001 (no mixing to speak of).
+MIN_ALPHA, MAX_ALPHA = 0.01, 1e6
+
+
 class _Mixing(Trick):
     """One of the two mixing tricks."""
 
@@ -62,6 +72,10 @@ class _Mixing(Trick):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"{shorten(value)} is not null or a finite alpha > 0")
+        if not MIN_ALPHA <= value <= MAX_ALPHA:
+            raise ValueError(f"alpha {value:g} is outside [{MIN_ALPHA:g}, {MAX_ALPHA:g}]: torch's float32 Beta "
+                             "sampling then gives a wrong λ (0.5 or 0 instead of near 0 and 1) or fails; see "
+                             "bench/tricks/mixing.py")
         return float(value)
 
     def setup(self, run: RunContext) -> None:
@@ -82,11 +96,11 @@ class _Mixing(Trick):
 class MixUp(_Mixing):
     name = "mixup"
     description = "mixup: convex combinations of sample pairs and their labels (torchvision v2.MixUp)"
-    values_help = "null | alpha > 0 of Beta(alpha, alpha), e.g. 0.2"
+    values_help = "null | alpha in [0.01, 1e6] of Beta(alpha, alpha), e.g. 0.2"
 
 
 @register
 class CutMix(_Mixing):
     name = "cutmix"
     description = "cutmix: a box of another sample pasted in, labels by area (torchvision v2.CutMix)"
-    values_help = "null | alpha > 0 of Beta(alpha, alpha), e.g. 1.0"
+    values_help = "null | alpha in [0.01, 1e6] of Beta(alpha, alpha), e.g. 1.0"

@@ -117,7 +117,8 @@ class ProgressiveResizing(Trick):
             raise ValueError(f"progressive_resizing resizes square images; {config.dataset} has {height}x{full}")
         smallest, largest = side_at(value["start"], full), side_at(value["end"], full)
         for side in (s for s in allowed_sides(full) if smallest <= s <= largest):
-            problem = meta_forward_problem(config.model, facts.num_classes, (channels, side, side), 2)
+            # The model is built once, for the full size (as the run builds it), then fed each side.
+            problem = meta_forward_problem(config.model, facts.num_classes, (channels, side, side), 2, built_for=full)
             if problem:
                 raise ValueError(f"progressive_resizing reaches {side}x{side} images, which {config.model} "
                                  f"cannot take: {problem}")

@@ -87,6 +87,12 @@ class Trick:
         return value
 
     @classmethod
+    def parse_value(cls, value: Any) -> Any:
+        """The canonical value of a YAML value: ``null`` means off (``default``) for every trick,
+        whatever else its ``parse`` accepts; the config layer parses through here."""
+        return cls.default if value is None else cls.parse(value)
+
+    @classmethod
     def check(cls, value: Any, config: Any) -> None:
         """Raise ValueError when this value cannot work with the rest of ``config``."""
 

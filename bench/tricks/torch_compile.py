@@ -88,6 +88,9 @@ class Compile(Trick):
             raise ValueError("compile with checkpointing compiles no graph: Dynamo breaks the graph at every "
                              "checkpointed block (measured: 4 breaks, 0 graphs on tiny_cnn), so the run would "
                              "time the eager model")
+        if value and config.tricks.get("input_grad_penalty"):
+            raise ValueError("compile with input_grad_penalty fails every step: the penalty's double backward "
+                             "(create_graph=True) does not run through a compiled graph (AOTAutograd)")
         if value and config.warmup_steps < 1:
             raise ValueError("compile needs warmup_steps >= 1: the first step compiles, and it must not be the "
                              "memory step (which runs eagerly) or a timed step")

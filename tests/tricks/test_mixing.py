@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from bench.config.train_config import build_train_config
 from bench.training.train import make_step
 from bench.tricks.accumulation import Accumulation
-from bench.tricks.mixing import CutMix, MixUp
+from bench.tricks.mixing import MAX_ALPHA, MIN_ALPHA, CutMix, MixUp
 from bench.tricks.spec import Batch, RunContext, Trick
 
 CLASSES = 10
@@ -144,3 +144,22 @@ def test_parse_rejects(cls, value):
 
 def test_parse_accepts():
     assert MixUp.parse(None) is None and MixUp.parse(1) == 1.0 and CutMix.parse(0.2) == 0.2
+    assert MixUp.parse(MIN_ALPHA) == MIN_ALPHA and CutMix.parse(MAX_ALPHA) == MAX_ALPHA
+
+
+@pytest.mark.parametrize("value", [0.005, 1e-5, 1e-50, 1e39])
+@pytest.mark.parametrize("cls", [MixUp, CutMix])
+def test_parse_rejects_alphas_torch_cannot_sample(cls, value):
+    with pytest.raises(ValueError, match=r"is outside \[0.01, 1e\+06\]"):
+        cls.parse(value)
+
+
+def test_the_bound_is_where_torchs_beta_sampling_stops_giving_the_half_artefact():
+    """Both float32 Gamma draws underflow for small alpha and torch returns lambda = 0.5 exactly,
+    where the true Beta(a, a) has almost all its mass at 0 and 1 (bench/tricks/mixing.py)."""
+    torch.manual_seed(0)
+
+    def halves(alpha: float) -> int:
+        return int((torch.distributions.Beta(torch.tensor([alpha]), torch.tensor([alpha])).sample((20_000,)) == 0.5).sum())
+    assert halves(0.003) > 50 and halves(1e-5) > 19_000
+    assert halves(MIN_ALPHA) == 0
