@@ -7,7 +7,6 @@ model that cannot take the input is refused before any process starts, not by a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Optional
 
@@ -91,9 +90,6 @@ def _micro_batch_size(config: TrainConfig) -> int:
     for trick in build_tricks(config):
         batches = [mb for b in batches for mb in trick.split_batch(b)]
     return min(len(inputs) for inputs, _ in batches)
-
-
-@functools.lru_cache(maxsize=256)
 
 
 def _trick_advice(config: TrainConfig, total_steps: int) -> list[str]:
