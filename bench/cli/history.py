@@ -42,7 +42,9 @@ def add_history(subparsers: Any) -> None:
     show = actions.add_parser("show", help="figures and a markdown table of one machine's history")
     show.add_argument("--store", default=DEFAULT_STORE, help=STORE_HELP)
     show.add_argument("--machine", metavar="NAME", help="the machine to show (default: this one)")
-    show.add_argument("--metric", action="append", metavar="M", help="a metric to show (repeatable; default all)")
+    show.add_argument("--metric", action="append", metavar="M",
+                      help="a metric to judge and draw (repeatable; default: judge every metric, draw FLOPs, "
+                           "peak memory, step time, accuracy and any metric with a marked step or a break)")
     show.add_argument("--cell", metavar="C", help="one cell, by its axes (e.g. checkpointing=true)")
     show.add_argument("--since", metavar="REV", help="start at this commit of HEAD's history")
     show.add_argument("--out", metavar="DIR", help="folder for history.md, steps.json and the figures "

@@ -234,11 +234,14 @@ class TimingBisect(Bisect):
             if not pairs:
                 raise BadInput(f"--cell {self.cell}: no such cell in {self.matrix.name}")
             rows: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
-            for side, (b, n), seed in schedule(pairs, list(range(self.repeats))):
+            order = schedule(pairs, list(range(self.repeats)))
+            for index, (side, (b, n), seed) in enumerate(order, 1):
                 row = run_side(good_tree if side == "base" else tree, b if side == "base" else n,
                                expansion["name"], seed, Path(work), side)
                 rows[side].append({**row, "cell_id": cell_key(expansion["name"], n["axes"])})
                 self.runs += 1
+                log(f"  [{index}/{len(order)}] {'--good' if side == 'base' else commit[:12]} {cell_label(n['axes'])} "
+                    f"seed={seed}: {row['status']}")
         failed = [r for side in rows.values() for r in side if r.get("status") != "ok"]
         if failed:
             raise BadInput(f"A/B of {commit[:12]}: {len(failed)} runs failed ({failed[0].get('status')}: "

@@ -326,7 +326,6 @@ def cmd_record(args: argparse.Namespace) -> int:
     else:
         refuse_dirty_tree()
         commit, tree = commit_of("HEAD", "HEAD"), TREE
-    log(f"history record: {commit[:12]} {subject(commit)}")
     measured = measure(commit, matrix, args.profile, tree=tree)
     refuse_failed_runs(measured)
     print_stored(store_measured(Path(args.store), args.machine, measured), commit)

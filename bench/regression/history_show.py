@@ -36,6 +36,7 @@ from bench.reports.stats import summarize
 
 MARKED = (REGRESSED, IMPROVED)
 BREAK_FIELDS = (*machine.FINGERPRINT_FIELDS, "matrix_digest")
+HEADLINE = ("flops_per_step", "peak_memory_bytes", "step_time_ms_median", "accuracy_top1")  # always drawn
 
 
 @dataclass
@@ -263,6 +264,14 @@ def pick_metrics(names: list[str] | None) -> list[Metric]:
     return [known[n] for n in names] if names else list(known.values())
 
 
+def figure_metrics(metrics: list[Metric], steps: list[Step], asked: list[str] | None) -> list[Metric]:
+    """Those asked for; by default the headline metrics and any other with a marked step or a break."""
+    if asked:
+        return metrics
+    eventful = {s.metric for s in steps if s.verdict is None or s.verdict.verdict in MARKED}
+    return [m for m in metrics if m.name in HEADLINE or m.name in eventful]
+
+
 def figure_name(metric: str) -> str:
     return f"history-{metric.replace('.', '-')}.png"
 
@@ -291,7 +300,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     ticks = [f"{c[:7]} {subjects[c][:22]}" for c in shown]
     out = Path(args.out or Path("results") / "history" / machine_name)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [figure_name(m.name) for m in metrics
+    figures = [figure_name(m.name) for m in figure_metrics(metrics, steps, args.metric)
                if plot_metric(m.name, points, steps, ticks, machine_name, out / figure_name(m.name))]
     description = docs[shown[0]].get("machine_description", "")
     markdown = to_markdown(machine_name, description, steps, points, metrics, subjects, figures)
