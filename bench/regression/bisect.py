@@ -37,11 +37,12 @@ from bench.regression.history import (
     cell_label,
     check_matrix_file,
     commit_of,
-    documents,
+    file_of,
     log,
     matrix_digest,
     measure,
     one_line_failures,
+    read_document,
     refuse_failed_runs,
     require_repository,
     store_measured,
@@ -186,8 +187,8 @@ class ExactBisect(Bisect):
         digest = matrix_digest(self.matrix, self.profile)
         if self.store is not None:
             for name in this_machine():
-                document = documents(self.store, name).get(commit) if (self.store / name).is_dir() else None
-                if document and (cells := stored_cells(document, digest)):
+                path = file_of(self.store, name, commit)
+                if path.exists() and (cells := stored_cells(read_document(path), digest)):
                     return cells, "from the store"
         measured = measure(commit, self.matrix, self.profile, one_seed=True)
         refuse_failed_runs(measured)
