@@ -161,6 +161,7 @@ class Bisect:
             verdict.cell_id, verdict.label = key, base[key].label
             verdicts.append(verdict)
         judged = Judged(commit, verdicts, any(v.verdict in (REGRESSED, IMPROVED) for v in verdicts), how, (base, new))
+        self.steps.append(judged)
         undecided = [v for v in verdicts if v.verdict not in (PASS, REGRESSED, IMPROVED)]
         if undecided:
             v = undecided[0]
@@ -168,7 +169,6 @@ class Bisect:
             if self.metric.tier == "timing":
                 raise CannotTell(f"{text}. {advice(self.metric, *judged.runs(v), self.policy)}")
             raise BadInput(text)
-        self.steps.append(judged)
         position = self.commits.index(commit) + 1
         moved = "; ".join(f"{v.verdict} {v.base} → {v.new} ({v.change})" for v in verdicts)
         log(f"step {len(self.steps)}: [{position}/{len(self.commits)}] {commit[:12]} ({how}): {moved} "
