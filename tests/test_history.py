@@ -445,3 +445,10 @@ def test_the_example_ci_workflow_checks_pull_requests_and_records_main(tmp_path)
     assert stored["commit"] == head and [len(c["runs"]) for c in stored["cells"].values()] == [1]
     assert "# Performance history: machine github-ubuntu-latest" in summary.read_text()
     assert git(clone, "status", "--porcelain") == ""
+
+
+def test_a_machine_name_is_a_folder_name_never_a_path():
+    assert history.check_machine_name("github-ubuntu-latest") == "github-ubuntu-latest"
+    for bad in ("../elsewhere", "a/b", ".hidden", ""):
+        with pytest.raises(history.BadInput, match="--machine"):
+            history.check_machine_name(bad)

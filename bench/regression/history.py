@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import signal
 import sys
 import tempfile
@@ -195,6 +196,13 @@ def run_entry(row: dict[str, Any], digest: str) -> dict[str, Any]:
     return {"run_id": hashlib.sha256(blob).hexdigest()[:16], **entry}
 
 
+def check_machine_name(name: str | None) -> str | None:
+    """``--machine NAME`` is a folder of the store: a plain name, never a path."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise BadInput(f"--machine {name!r}: use letters, digits, '.', '_' and '-' (a folder name, at most 64)")
+    return name
+
+
 def file_of(store: Path, machine_name: str, commit: str) -> Path:
     return store / machine_name / f"{commit}.json"
 
@@ -320,7 +328,7 @@ def print_stored(written: list[tuple[Path, int]], commit: str) -> None:
 def cmd_record(args: argparse.Namespace) -> int:
     """``history record MATRIX``: measure HEAD (clean tree) or ``--rev REV`` into the store."""
     require_repository()
-    matrix = check_matrix_file(args.matrix)
+    matrix, machine_name = check_matrix_file(args.matrix), check_machine_name(args.machine)
     if args.rev:
         commit, tree = commit_of(args.rev, "--rev"), None
     else:
@@ -328,7 +336,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         commit, tree = commit_of("HEAD", "HEAD"), TREE
     measured = measure(commit, matrix, args.profile, tree=tree)
     refuse_failed_runs(measured)
-    print_stored(store_measured(Path(args.store), args.machine, measured), commit)
+    print_stored(store_measured(Path(args.store), machine_name, measured), commit)
     return 0
 
 
@@ -354,6 +362,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     the commits already stored, so a killed backfill resumes where it stopped."""
     require_repository()
     matrix = check_matrix_file(args.matrix)
+    check_machine_name(args.machine)
     commits = every_nth(first_parent_range(args.revs, "--revs"), args.every)
     store, digest = Path(args.store), matrix_digest(matrix, args.profile)
     todo = [c for c in commits if not holds(store, args.machine, c, digest)]

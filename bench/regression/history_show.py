@@ -23,6 +23,7 @@ from bench.regression.cells import METRICS, BadInput, CellRecord, Metric, common
 from bench.regression.compare import IMPROVED, REGRESSED, Policy, Verdict, judge_metric
 from bench.regression.history import (
     DEFAULT_STORE,
+    check_machine_name,
     documents,
     git_order,
     machines_in,
@@ -284,7 +285,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.factor <= 1:
         raise BadInput(f"--factor: {args.factor:g} must be above 1 (e.g. 1.10)")
     metrics = pick_metrics(args.metric)
-    machine_name = pick_machine(store, args.machine)
+    machine_name = pick_machine(store, check_machine_name(args.machine))
     docs = documents(store, machine_name)
     order = git_order(args.since)
     left_out = [c for c in docs if c not in order]
