@@ -284,11 +284,13 @@ def timing_repo(tmp_path_factory):
     return root, tmp, shas
 
 
-@pytest.mark.slow  # 12 runs of ~4 s on 2 cores, and a quiet machine: under load the rule (rightly) cannot tell
+@pytest.mark.slow  # 12 runs of ~4 s on 2 cores (~1 min quiet, 4 under load); skipped when the machine is busy
 def test_timing_bisect_finds_a_2x_slowdown_with_the_ab_rule(timing_repo):
     root, tmp, shas = timing_repo
     done = trickbench(root, "bisect", "m.yaml", "--good", shas[0], "--bad", shas[2], "--metric", "step_time_ms_median",
                       tmp=tmp)
+    if done.returncode == bisect.CANNOT_TELL and "under competing load" in done.stdout:
+        pytest.skip(f"the machine was busy, so the timing rule (rightly) judged nothing: {done.stdout[:300]}")
     assert done.returncode == 0, done.stdout + done.stderr
     assert first_bad(done) == shas[1]
     assert re.search(r"step_time_ms_median in cell .*: [\d.]+ at --good → [\d.]+ \([\d.]+×, REGRESSED", done.stdout)

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.regression.ab import expand, git, paired_cells, run_side, schedule, worktree
 from bench.regression.cells import METRICS, BadInput, CellRecord, Metric
-from bench.regression.compare import IMPROVED, PASS, REGRESSED, Policy, Verdict, judge_metric
+from bench.regression.compare import IMPROVED, NOT_COMPARABLE, PASS, REGRESSED, Policy, Verdict, judge_metric
 from bench.regression.history import (
     Measured,
     cell_key,
@@ -166,6 +166,9 @@ class Bisect:
         if undecided:
             v = undecided[0]
             text = f"commit {commit[:12]}: {v.metric} {v.verdict} ({v.note}) in cell {v.label}"
+            if self.metric.tier == "timing" and v.verdict == NOT_COMPARABLE:
+                raise CannotTell(f"{text}. The timing rule does not judge runs timed beside other work: run the "
+                                 "bisect again when the machine is quiet")
             if self.metric.tier == "timing":
                 raise CannotTell(f"{text}. {advice(self.metric, *judged.runs(v), self.policy)}")
             raise BadInput(text)
