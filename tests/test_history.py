@@ -168,7 +168,7 @@ def test_every_nth_keeps_the_newest():
     assert history.every_nth(list("abcdef"), 4) == ["b", "f"]
 
 
-def test_show_judges_steps_with_compares_rules_and_breaks_at_a_torch_change():
+def test_show_judges_steps_with_compares_rules_and_breaks_at_a_torch_change(tmp_path):
     """Three commits; the second moves FLOPs, the third has another torch: one step, one break."""
     def document(commit, flops, torch):
         return {"commit": commit, "cells": {"m a=1": {"matrix": "m", "axes": {"a": 1}, "runs": [
@@ -181,6 +181,8 @@ def test_show_judges_steps_with_compares_rules_and_breaks_at_a_torch_change():
     assert [(s.point.commit, s.verdict.verdict if s.verdict else "break") for s in steps] == [
         ("c2", "REGRESSED"), ("c3", "break")]
     assert steps[1].change == "torch 2.4 → 2.5"
+    assert history_show.plot_metric("flops_per_step", points, steps, ["c1", "c2", "c3"], "m", tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
 
 
 # ---- exact tier: 8 commits, a no-op matmul at c2, checkpointing made a no-op at c5 ----------------

@@ -143,7 +143,7 @@ def plot_metric(metric: str, points: dict[str, list[Point]], steps: list[Step], 
         return False
     scale, label = unit(metric)
     plt = _pyplot()
-    fig, ax = plt.subplots(layout="constrained", figsize=(max(6.5, 0.6 * len(ticks) + 3), 4.8))
+    fig, ax = plt.subplots(layout="constrained", figsize=(max(8.0, 0.6 * len(ticks) + 3), 4.8))
     colors = dict(zip(series, sns.color_palette("tab10" if len(series) <= 10 else "husl", len(series))))
     xs, ys, hues = [], [], []
     for key, cell_points in series.items():
@@ -173,8 +173,8 @@ def plot_metric(metric: str, points: dict[str, list[Point]], steps: list[Step], 
         if step.verdict is None:
             x = step.point.position - 0.5
             ax.axvline(x, color="0.35", linestyle=":", linewidth=1.4)
-            ax.annotate(f"break: {step.change}", (x, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=7, color="0.3")
+            ax.annotate(f"break: {step.change}", (x, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                        va="bottom", ha="right", fontsize=7, color="0.3")
         elif step.verdict.verdict in MARKED:
             y = summarize(step.point.values(metric))["mean"] / scale
             color = "tab:red" if step.verdict.verdict == REGRESSED else "tab:green"
@@ -187,9 +187,10 @@ def plot_metric(metric: str, points: dict[str, list[Point]], steps: list[Step], 
     ax.set_xticks(range(len(ticks)), ticks, rotation=35, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(ticks) - 0.4)
     ax.margins(y=0.12)  # room for the labels of marked steps
-    ax.set(xlabel="commit (git order, oldest first)", ylabel=f"{metric}" + (f" ({label})" if label else ""),
-           title=f"{metric} on machine {machine_name}\npoints: runs; line and band: mean and 95% interval; "
-                 "rings: steps compare's rule marks")
+    ax.set(xlabel="commit (git order, oldest first)", ylabel=f"{metric}" + (f" ({label})" if label else ""))
+    fig.suptitle(f"{metric} on machine {machine_name}")
+    ax.set_title("points: runs; line and band: mean and 95% interval; rings: steps compare's rule marks; "
+                 "dotted: a break", fontsize=8)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     _save(fig, path)
