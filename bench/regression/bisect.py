@@ -168,7 +168,8 @@ class Bisect:
             text = f"commit {commit[:12]}: {v.metric} {v.verdict} ({v.note}) in cell {v.label}"
             if self.metric.tier == "timing" and v.verdict == NOT_COMPARABLE:
                 raise CannotTell(f"{text}. The timing rule does not judge runs timed beside other work: run the "
-                                 "bisect again when the machine is quiet")
+                                 f"bisect again when the machine is quiet. On these runs: "
+                                 f"{advice(self.metric, *judged.runs(v), self.policy)}")
             if self.metric.tier == "timing":
                 raise CannotTell(f"{text}. {advice(self.metric, *judged.runs(v), self.policy)}")
             raise BadInput(text)
