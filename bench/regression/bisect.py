@@ -110,7 +110,9 @@ def advice(metric: Metric, base: list[float], new: list[float], policy: Policy) 
     text += (f"From the observed spread (σ of log {spread:.3f}) about {needed} runs a side would tell a "
              f"{ratio:.3f}× change (power {POWER:.0%}): --repeats {needed}")
     if max(worse, 1 / worse) < policy.factor:
-        text += f" and --factor {math.floor(max(worse, 1 / worse) * 1000) / 1000:g} (below the change)"
+        factor = math.floor(max(worse, 1 / worse) * 1000) / 1000
+        text += f" and --factor {factor:g} (below the change)" if factor > 1 else \
+            ", but a change this small passes every --factor above 1"
     return text
 
 
