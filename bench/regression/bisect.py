@@ -102,7 +102,8 @@ def advice(metric: Metric, base: list[float], new: list[float], policy: Policy) 
     worse = ratio if metric.better == "lower" else 1 / ratio
     needed = runs_needed(base, new, policy.alpha)
     spread = math.sqrt((np.var(np.log(base), ddof=1) + np.var(np.log(new), ddof=1)) / 2)
-    text = (f"{metric.name} moved {ratio:.3f}× with {repeats} runs a side; the timing rule counts a change only "
+    text = (f"{metric.name} moved {ratio:.3f}× (ratio of geometric means, which Welch's t on the logs tests) with "
+            f"{repeats} runs a side; the timing rule counts a change only "
             f"beyond {policy.factor:g}× and at p < {policy.alpha:g}. ")
     if needed is None:
         return text + (f"From the observed spread (σ of log {spread:.3f}) no number of runs up to {MAX_REPEATS} a side "
@@ -351,7 +352,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
         first, judged = timing.run()
     except CannotTell as err:
         print(f"cannot tell: {err}")
-        print(f"steps: {len(timing.steps)} A/B comparisons, {timing.runs} runs")
+        print(f"steps: {len(timing.steps)} A/B comparison{'s' * (len(timing.steps) != 1)}, {timing.runs} runs")
         return CANNOT_TELL
     report(timing, first, judged, f"steps: {len(timing.steps)} A/B comparisons against --good, {timing.runs} runs")
     return 0
