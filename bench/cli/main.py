@@ -17,6 +17,7 @@ from bench.base.safeyaml import shorten
 from bench.cli.args import OneLineParser, device_list, int_in
 from bench.cli.cluster import add_collect_status, add_run_arguments
 from bench.cli.diagnostics import add_attention_memory, add_diagnose, add_selfcheck
+from bench.cli.history import add_bisect, add_history
 from bench.cli.judging import add_aa, add_power, add_regression_check, add_report
 from bench.config.matrix import MAX_CELLS, Matrix
 from bench.execution.cluster import check_fits, check_with_scheduler, compute_node_view, settings_for
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_aa(sub)
     add_regression_check(sub)  # compare BASE NEW, check MATRIX --baseline FILE, baseline record|update
     add_power(sub)  # power A/A-RESULTS: the timing tier's false alarms and detection rates
+    add_history(sub)  # history record|backfill|show: performance across commits
+    add_bisect(sub)  # bisect MATRIX --good --bad --metric: the first commit that moved it
     add_collect_status(sub)  # collect DIR, status DIR (cluster runs)
     add_selfcheck(sub)  # selfcheck --device cuda|cpu: GPU readiness
     add_attention_memory(sub)  # attention-memory: memory vs sequence length per attention kernel

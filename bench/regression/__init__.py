@@ -3,7 +3,9 @@ baseline JSON, pytest-benchmark JSON) by tiers (exact, timing, accuracy, instruc
 record and update baselines; A/B against a git revision; the A/A and power studies.
 
 cells.py: what a side knows per cell; sides.py: reading a side; compare.py: the rules and
-their output; baseline.py: ``check`` and ``baseline``.
+their output; baseline.py: ``check`` and ``baseline``; ab.py: ``compare --against``;
+history.py and history_show.py: the performance history across commits; bisect.py: the first
+commit that moved a metric, decided by the same rules.
 
 May import: reports, execution, training, config, tricks, parts, store, base.
 """
