@@ -7,6 +7,7 @@ belongs in benchmarks): run it with
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -126,3 +127,26 @@ def test_fixed_cost_per_run_fork_against_exec(benchmark, tmp_path):
     for start, costs in found.items():
         benchmark.extra_info[f"{start}_median_s"] = statistics.median(costs[2 * RUNS:])  # after the warm-up round
     print(json.dumps(benchmark.extra_info))
+
+
+def report_start_method(path: str) -> None:
+    """In a child of the fork server: the default start method after the worker's reset."""
+    multiprocessing.set_start_method(None, force=True)  # what forked_main does
+    Path(path).write_text(str(multiprocessing.get_start_method(allow_none=True)))
+
+
+def inherited_start_method(path: str) -> None:
+    Path(path).write_text(str(multiprocessing.get_start_method(allow_none=True)))
+
+
+def test_a_forked_run_starts_its_dataloader_workers_as_a_fresh_process_would(tmp_path):
+    """A child of the fork server inherits 'forkserver' as its default start method, so its
+    DataLoader workers would start from the server and get the dataset pickled (10x slower
+    batches here). The worker resets it to a fresh process's: none set, fork on Linux."""
+    for target, expected in ((inherited_start_method, "forkserver"), (report_start_method, "None")):
+        out = tmp_path / target.__name__
+        child = forkserver.context().Process(target=target, args=(str(out),))
+        child.start()
+        child.join(120)
+        assert out.read_text() == expected
+    assert "multiprocessing.set_start_method(None, force=True)" in Path(worker.__file__).read_text()

@@ -152,12 +152,13 @@ class Job:
         record = RunRecord.for_job(job)
         record.env = job.get("env")
         record.start()
+        started = time.monotonic()  # the run's time limit and its total include its start
         if command == [*THIS_WORKER, str(job_path)] and START != "exec":  # this tree's worker: fork it, warm
             proc = forkserver.start(job_path, env, here=fork_here)
         else:  # torchrun, or another revision's worker (compare --against): a fresh interpreter
             # Own process group, so a timeout kills the child and anything it started.
             proc = subprocess.Popen(command, start_new_session=True, env=env, preexec_fn=_arm_death_signal)
-        return cls(proc, record, Path(job["row_path"]), time.monotonic(), limit)
+        return cls(proc, record, Path(job["row_path"]), started, limit)
 
     @property
     def deadline(self) -> float:
