@@ -20,7 +20,7 @@ from bench.config.matrix import load_matrix
 from bench.config.slurm import parse_settings
 from bench.execution import cluster, queue, submit
 from bench.execution.task import RunTask
-from bench.store.results import read_rows
+from bench.store.results import matrix_record, read_rows
 from bench.training.worker import STOPPED_EXIT
 from tests.conftest import TINY_MATRIX
 
@@ -272,6 +272,23 @@ def test_collect_is_idempotent_and_takes_a_rerun_once(tmp_path, capsys):
     rows = read_rows(tmp_path / "cells.jsonl")
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert main(["collect", str(tmp_path)]) == 0 and "nothing new" in capsys.readouterr().out
+
+
+def test_collect_takes_no_stale_run_file_and_no_run_of_another_matrix(write_matrix, tmp_path, capsys):
+    """A run file older than the row cells.jsonl holds (an earlier attempt's) must not come back
+    as the latest row; a row of a run that is not in matrix.json is named and left out."""
+    matrix = load_matrix(write_matrix(TINY_MATRIX))
+    (tmp_path / "matrix.json").write_text(json.dumps(matrix_record(matrix)))
+    cell = matrix.cells[0].cell_id
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / f"{cell}-0.json").write_text(json.dumps(fake_row(cell, 0, "ok", "2026-01-02T00:00:00+0000")))
+    assert len(cluster.collect(tmp_path)) == 1
+    (runs / f"{cell}-0.json").write_text(json.dumps(fake_row(cell, 0, "error", "2026-01-01T00:00:00+0000")))
+    (runs / "zzz-0.json").write_text(json.dumps(fake_row("zzz", 0)))
+    assert cluster.collect(tmp_path) == []
+    assert "zzz-0.json: cell zzz seed 0 is not a run of this folder's matrix" in capsys.readouterr().err
+    assert [r["status"] for r in read_rows(tmp_path / "cells.jsonl")] == ["ok"]
 
 
 def test_a_task_skips_a_finished_run(tmp_path):

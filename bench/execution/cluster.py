@@ -48,12 +48,14 @@ from bench.config.train_config import TrainConfig
 from bench.store.files import make_folder, read_optional_json
 from bench.store.results import (
     CSV_FILE,
+    MATRIX_FILE,
     ROWS_FILE,
     Row,
     StoreError,
     append_row,
     end_torn_row,
     latest_runs,
+    read_matrix_record,
     read_rows,
     refuse_link,
     row_problem,
@@ -280,24 +282,39 @@ def _same(a: Row, b: Row) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+def _older(row: Row, than: Row) -> bool:
+    """Whether ``row`` is from before ``than`` (ISO times of one format compare as text)."""
+    def when(r: Row) -> str:
+        return str(r.get("finished_at") or r.get("started_at") or "")
+    return when(row) < when(than)
+
+
 def collect(out_dir: Path) -> list[Row]:
     """Append to ``cells.jsonl`` every run file's row not already there; return the rows added.
 
     Idempotent: collecting twice adds nothing the second time. A rerun's newer row is a different
-    row and is added (the newest row of a (cell, seed) counts)."""
+    row and is added (the newest row of a (cell, seed) counts). A run file older than the row
+    ``cells.jsonl`` already holds for its run (left from an earlier attempt) is not, and neither is a
+    row of a run that is not in the folder's matrix (``matrix.json``): it is named on stderr."""
     out_dir = Path(out_dir)
     rows_path = out_dir / ROWS_FILE
     for name in (ROWS_FILE, CSV_FILE):
         refuse_link(out_dir / name)
     existing = latest_runs(read_rows(rows_path))
+    record = read_matrix_record(out_dir)
+    runs = None if record is None else {(c["cell_id"], s) for c in record["cells"] for s in record["seeds"]}
     added = []
     for path in sorted((out_dir / RUNS_DIR).glob("*.json")):
         row = read_run_file(path)
         if row is None:
             print(f"warning: {path}: not a results row; skipped", file=sys.stderr)
             continue
+        if runs is not None and (row["cell_id"], row["seed"]) not in runs:
+            print(f"warning: {path}: cell {row['cell_id']} seed {row['seed']} is not a run of this folder's "
+                  f"matrix ({MATRIX_FILE}); skipped", file=sys.stderr)
+            continue
         known = existing.get((row["cell_id"], row["seed"]))
-        if known is not None and _same(known, row):
+        if known is not None and (_same(known, row) or _older(row, known)):
             continue
         if not added:
             end_torn_row(rows_path)
