@@ -22,10 +22,15 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     found = []
     for page in PAGES:
         in_block = False
-        for number, line in enumerate(page.read_text().splitlines(), 1):
+        lines = page.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
             if line.startswith("```"):
                 in_block = not in_block
-            elif in_block and (match := COMMAND.match(line.strip())):
+                continue
+            while line.endswith("\\") and number < len(lines):  # a command continued on the next line
+                line = line[:-1] + " " + lines[number].strip()
+                number += 1
+            if in_block and (match := COMMAND.match(line.strip())):
                 text = match.group(1).split(" #")[0]
                 for part in re.split(r"\s*\|\s*(?:trickbench\s+)?", text):  # `a | b` alternatives or pipes
                     words = shlex.split(part)
