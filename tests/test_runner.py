@@ -11,7 +11,7 @@ import pytest
 from bench.cli.main import main
 from bench.config.matrix import load_matrix
 from bench.execution import children, runner
-from bench.store.results import read_rows
+from bench.store.results import SCHEMA_VERSION, read_rows
 from tests.conftest import TINY_MATRIX
 
 REQUIRED = ["schema_version", "matrix", "cell_id", "seed", "axes", "config", "status",
@@ -33,7 +33,7 @@ def test_run_writes_one_row_per_cell_and_seed(write_matrix, tmp_path):
     for row in rows:
         assert all(k in row for k in REQUIRED), [k for k in REQUIRED if k not in row]
         assert row["status"] == "ok" and row["accuracy_top1"] is None  # synthetic: no accuracy
-        assert row["schema_version"] == 2 and row["load_avg_1m_start"] >= 0 and row["load_avg_1m_end"] >= 0
+        assert row["schema_version"] == SCHEMA_VERSION and row["load_avg_1m_start"] >= 0 and row["load_avg_1m_end"] >= 0
         assert row["env"]["torch"] and row["env"]["device"] == "cpu"
     assert (out / "results.csv").read_text().count("\n") == len(rows) + 1
 
@@ -118,7 +118,7 @@ def test_a_child_that_dies_silently_is_recorded(write_matrix, tmp_path, monkeypa
     rows = read_rows(out / "cells.jsonl")
     assert len(rows) == 4
     assert all(r["status"] == "error" and "SIGSEGV" in r["error"] for r in rows)
-    assert all(r["schema_version"] == 2 and r["load_avg_1m_end"] is not None and r["wall_time_s"] > 0 for r in rows)
+    assert all(r["schema_version"] == SCHEMA_VERSION and r["load_avg_1m_end"] is not None and r["wall_time_s"] > 0 for r in rows)
 
 
 def test_divergence_is_a_status_with_its_step(monkeypatch):
