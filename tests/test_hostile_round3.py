@@ -72,7 +72,8 @@ def guard(what: str):
 GUARDED = {  # module -> function: work that no case may reach
     "bench.regression.baseline": ["run_matrix"], "bench.cli.main": ["run_matrix"],
     "bench.regression.aa": ["run_in_child"], "bench.diagnostics.selfcheck": ["run_checks"],
-    "bench.execution.submit": ["run_local", "submit_arrays", "job_state"], "bench.regression.ab": ["expand"],
+    "bench.execution.submit": ["run_local", "submit_arrays"],
+    "bench.execution.queue": ["slurm_queue", "local_queue"], "bench.regression.ab": ["expand"],
     "bench.diagnostics.attention_memory": ["measure"], "bench.regression.power": ["timing_power"],
     "bench.diagnostics.diagnose": ["diagnose", "lr_finder"],
 }
@@ -451,7 +452,7 @@ TERM_CASES = [
     ("aa", [*AA, "{t}/matrix.yaml"], "bench.regression.aa.run_in_child", ("aa",)),  # its resumable rows folder
     ("compare-against", ["compare", "{t}/matrix.yaml", "--against", "HEAD"], "bench.regression.ab.resolve", ()),
     ("collect", ["collect", "{t}/st"], "bench.execution.cluster.collect", ("st/.lock",)),
-    ("status", ["status", "{t}/st"], "bench.execution.submit.run_states", ()),
+    ("status", ["status", "{t}/st"], "bench.execution.queue.run_states", ()),
     ("power", ["power", "{t}/res", "--json", "{t}/p.json"], "bench.regression.power.timing_power", ()),
     ("selfcheck", ["selfcheck", "--device", "cpu", "--out", "{t}/sc"], "bench.diagnostics.selfcheck.run_checks", ()),
     ("attention-memory", ["attention-memory", "--out", "{t}/am", "--image-sizes", "16", "--batch-size", "2"],
@@ -479,7 +480,7 @@ def test_sigterm_stops_on_one_line(world, capsys, monkeypatch, case_id, argv, ta
 
 
 # A real process: the signal from outside, the one line on the real stderr.
-TERM_PROCESS_CASES = [("status", ["status", "{t}/st"], "bench.execution.submit", "run_states"),
+TERM_PROCESS_CASES = [("status", ["status", "{t}/st"], "bench.execution.queue", "run_states"),
                       ("check", [*CHECK, "--json", "{t}/v.json"], "bench.regression.baseline", "run_matrix")]
 WAITING = """import sys, time
 import {module} as target

@@ -28,7 +28,7 @@ from bench.parts.models import build_model
 from bench.training.train import build_tricks, run_step, train
 from bench.tricks.attention import Attention, KernelAttention, chunked_attention, math_attention, replace_attention
 from bench.tricks.spec import RunContext
-from tests.test_memory_reference import measure
+from tests.test_memory_reference import configured, measure
 
 KERNELS = {"math": ("math", None), "sdpa": ("sdpa", None), "chunked": ("chunked", 16)}
 TOKENS, WIDTH, HEADS = 65, 32, 4  # 8x8 patches + the class token: not a multiple of the chunk
@@ -116,13 +116,13 @@ def test_chunking_lowers_activation_memory_by_the_attention_matrices():
     one_layer = batch * heads * tokens * tokens * 4
 
     def measured(value):
-        return measure(lambda: Attention(value).prepare_model(build_model("vit_tiny", 10, image_size=64)),
-                       batch_size=batch, input_shape=(3, 64, 64))
+        return measure(configured("vit_tiny", batch, attention=value, image_size=64))
 
     math_run, chunked_run = measured("math"), measured({"chunked": 16})
-    assert math_run.tracker.peak_memory_bytes - chunked_run.tracker.peak_memory_bytes > layers * one_layer
+    assert math_run.ledger_peak - chunked_run.ledger_peak > layers * one_layer
     assert math_run.reference_bytes - chunked_run.reference_bytes > layers * one_layer
-    saved = math_run.tracker.breakdown["activations"] - chunked_run.tracker.breakdown["activations"]
+    saved = (math_run.row["memory_breakdown"]["activations"]
+             - chunked_run.row["memory_breakdown"]["activations"])
     assert saved > 0.95 * (layers - 1) * one_layer, saved / one_layer
 
 
