@@ -20,6 +20,7 @@ and index are never touched, and a failure or Ctrl-C removes the worktrees it ma
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -147,9 +148,9 @@ class Bisect:
     steps: list[Judged] = field(default_factory=list)
 
     def keys(self, cells: dict[str, CellRecord]) -> list[str]:
-        chosen = [k for k, c in cells.items() if self.cell is None or self.cell in (k, c.label, c.cell_id)]
+        chosen = [k for k, c in cells.items() if self.cell is None or self.cell in (k, c.label, c.cell_id, axes_text(c))]
         if not chosen:
-            raise BadInput(f"--cell {self.cell}: no such cell (cells: {', '.join(c.label for c in cells.values())})")
+            raise BadInput(f"--cell {self.cell}: no such cell (cells: {', '.join(axes_text(c) for c in cells.values())})")
         return chosen
 
     def judge(self, commit: str, base: dict[str, CellRecord], new: dict[str, CellRecord], how: str) -> Judged:
@@ -161,7 +162,7 @@ class Bisect:
             verdict = judge_metric(self.metric, base[key], new[key], self.policy)
             if verdict is None:
                 raise BadInput(f"{self.metric.name}: neither --good nor {commit[:12]} measures it")
-            verdict.cell_id, verdict.label = key, base[key].label
+            verdict.cell_id, verdict.label = key, axes_text(base[key])  # every axis: one cell of a history
             verdicts.append(verdict)
         judged = Judged(commit, verdicts, any(v.verdict in (REGRESSED, IMPROVED) for v in verdicts), how, (base, new))
         self.steps.append(judged)
@@ -298,6 +299,12 @@ def pick_metric(name: str) -> Metric:
     if name not in BISECTABLE:
         raise BadInput(f"--metric {name}: bisect judges exact and timing metrics of a run: {', '.join(BISECTABLE)}")
     return BISECTABLE[name]
+
+
+def axes_text(cell: CellRecord) -> str:
+    """A cell named by all its axis values (``checkpointing=true``): bisect follows one cell through
+    commits, where "the axes that differ from the baseline" would name the baseline cell "baseline"."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in cell.axes.items()) or cell.cell_id
 
 
 def report(bisect: Bisect, first: str, judged: Judged, count: str) -> None:
